@@ -1,0 +1,150 @@
+"""The Python face of the C meter's accounts: what a scope is charged.
+
+An :class:`OpenAccount` is a C account made current in this context (through
+the meter's ContextVar), so that every allocation sampled in this context,
+and in tasks and threads that copy it, is charged to it and to every
+enclosing account.  This module turns the meter's raw tuples into
+:class:`Usage` and :class:`Breach` values; it knows nothing of event loops.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import warnings
+from contextvars import Token
+from dataclasses import dataclass
+
+from ._meter import _core
+from ._units import format_size
+
+__all__ = ["Breach", "BreachKind", "OpenAccount", "Usage", "ensure_hooks"]
+
+# Samples taken while the interpreter is being torn down are not charged.
+atexit.register(_core.disable_attribution)
+
+
+class BreachKind(enum.Enum):
+    """Which limit stopped a scope."""
+
+    MEMORY = "memory"
+    """Live bytes held by the scope's tasks passed ``memory``."""
+    ALLOCATIONS = "allocations"
+    """Cumulative bytes allocated by the scope's tasks passed ``allocations``."""
+    GLOBAL_MEMORY = "global_memory"
+    """The process-wide memory limit was passed while this scope allocated."""
+    TOKEN = "token"
+    """A cancel token watched by the scope was cancelled."""
+    TIMEOUT = "timeout"
+    """The scope's ``timeout`` expired."""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Bytes charged to a scope, estimated by sampling (exact at interval 1)."""
+
+    allocated: int
+    """Cumulative bytes allocated (a realloc counts its whole new size)."""
+    live: int
+    """Bytes allocated in the scope and not freed yet."""
+    peak_live: int
+    """Highest ``live`` seen while sampling."""
+
+
+@dataclass(frozen=True, slots=True)
+class Breach:
+    """What fired: kind, the limit, what was observed, and a sentence."""
+
+    kind: BreachKind
+    limit: int | float | None
+    """Bytes for MEMORY/ALLOCATIONS/GLOBAL_MEMORY, seconds for TIMEOUT."""
+    observed: int | float | None
+    """The estimate (bytes) or elapsed time (seconds) when it fired."""
+    reason: str
+
+
+_KIND_OF_CODE = {
+    _core.BREACH_MEMORY: BreachKind.MEMORY,
+    _core.BREACH_ALLOCATIONS: BreachKind.ALLOCATIONS,
+}
+
+_WHAT_IS_COUNTED = {
+    BreachKind.MEMORY: "live",
+    BreachKind.ALLOCATIONS: "allocated",
+}
+
+
+def _byte_breach(kind: BreachKind, limit: int, observed: int) -> Breach:
+    over = observed - limit
+    share = f" ({over / limit:.1%})" if limit else ""
+    reason = (
+        f"{kind.value} limit of {format_size(limit)} exceeded: about "
+        f"{format_size(observed)} {_WHAT_IS_COUNTED[kind]}, "
+        f"{format_size(over)} over{share}"
+    )
+    return Breach(kind, limit, observed, reason)
+
+
+def ensure_hooks() -> None:
+    """Install the allocator hooks, or install them again if they were lost.
+
+    They are lost when tracemalloc was started before them and is then
+    stopped: it restores the allocators it saved, which do not include ours.
+    """
+    _core.install()
+    if not _core.check_hooks():
+        warnings.warn(
+            "memlimits_async: the allocator hooks had been removed (by "
+            "tracemalloc.stop() after tracemalloc was started before "
+            "memlimits_async?) and were installed again; live-bytes "
+            "estimates of scopes open at that time restart from zero",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+class OpenAccount:
+    """A C account, current in this context from construction to :meth:`close`.
+
+    Construction and :meth:`close` must happen in the same context (the
+    ContextVar token is reset in :meth:`close`), like entering and exiting a
+    cancel scope in the same task.
+    """
+
+    __slots__ = ("_account", "_token")
+
+    def __init__(self, *, memory: int | None, allocations: int | None) -> None:
+        ensure_hooks()
+        parent = _core.current_account.get(None)
+        self._account = _core.Account(parent, memory, allocations)
+        self._token: Token[_core.Account | None] | None = (
+            _core.current_account.set(self._account)
+        )
+
+    @property
+    def id(self) -> int:
+        return self._account.id
+
+    def usage(self) -> Usage:
+        allocated, live, peak_live = self._account.usage()
+        # Live can dip below zero by a few samples after the hooks were
+        # re-installed; nothing can hold fewer than zero bytes.
+        return Usage(allocated, max(live, 0), peak_live)
+
+    def breach(self) -> Breach | None:
+        record = self._account.breach()
+        if record is None:
+            return None
+        code, limit, observed = record
+        return _byte_breach(_KIND_OF_CODE[code], limit, observed)
+
+    def close(self) -> None:
+        """Stop being current here and stop checking limits (idempotent).
+
+        Blocks allocated in the scope and still alive keep counting in the
+        enclosing accounts until they are freed.
+        """
+        if self._token is not None:
+            _core.current_account.reset(self._token)
+            self._token = None
+        self._account.close()

@@ -1,0 +1,74 @@
+"""Process-wide settings of the meter and its counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._meter import _core
+from ._units import parse_size
+
+__all__ = ["MeterStats", "configure", "stats"]
+
+
+def configure(*, sampling_interval: int | str | None = None) -> None:
+    """Change process-wide settings; arguments left out are unchanged.
+
+    :param sampling_interval: mean number of bytes between two samples when
+        no small limit is in force (default 64 KiB).  While a scope with a
+        limit L is open the interval drops to about L/1200 (never below
+        512 bytes, never above this value) so that the limit keeps its
+        accuracy guarantee; see docs/accuracy.md.  ``1`` means exact
+        accounting: every allocation is charged with its exact size (slow;
+        meant for tests).
+    """
+    if sampling_interval is not None:
+        interval = parse_size(sampling_interval, name="sampling_interval")
+        if interval < 1:
+            raise ValueError("sampling_interval must be at least 1 byte")
+        _core.set_sampling_interval(interval)
+
+
+@dataclass(frozen=True, slots=True)
+class MeterStats:
+    """Counters of the meter, for monitoring and tests."""
+
+    hooks_installed: bool
+    """True once the first scope has installed the allocator hooks."""
+    hook_reinstalls: int
+    """Times the hooks were found removed (tracemalloc.stop()) and put back."""
+    samples: int
+    """Samples charged to some scope."""
+    unattributed_samples: int
+    """Samples taken outside any scope (not recorded)."""
+    dropped_samples: int
+    """Samples lost because the block table could not grow (out of memory)."""
+    tracked_blocks: int
+    """Sampled blocks alive now, whose free will be credited."""
+    table_capacity: int
+    filter_false_positives: int
+    """Frees that passed the filter but were not tracked."""
+    sampling_interval: int
+    """Effective mean interval between samples, in bytes."""
+    configured_sampling_interval: int
+    min_adaptive_interval: int
+    samples_per_limit: int
+    """Samples the adaptive interval aims to take per limit."""
+
+
+def stats() -> MeterStats:
+    """A snapshot of the meter's counters."""
+    raw = _core.stats()
+    return MeterStats(
+        hooks_installed=bool(raw["installed"]),
+        hook_reinstalls=raw["reinstalls"],
+        samples=raw["samples"],
+        unattributed_samples=raw["unattributed_samples"],
+        dropped_samples=raw["dropped_samples"],
+        tracked_blocks=raw["tracked_blocks"],
+        table_capacity=raw["table_capacity"],
+        filter_false_positives=raw["filter_false_positives"],
+        sampling_interval=raw["sampling_interval"],
+        configured_sampling_interval=raw["configured_sampling_interval"],
+        min_adaptive_interval=raw["min_adaptive_interval"],
+        samples_per_limit=raw["samples_per_limit"],
+    )

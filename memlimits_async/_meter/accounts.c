@@ -1,0 +1,260 @@
+/* Accounts: what a scope is charged, and the queue of breached accounts.
+ *
+ * Charging walks from the innermost account to the root, so every enclosing
+ * account sees every sample and an inner scope can never extend an outer one.
+ * A block is credited back along the same chain when it is freed, whenever
+ * that happens: a block that outlives its scope keeps counting in the live
+ * bytes of the enclosing scopes until it is freed (the closed account stays
+ * allocated, by reference count, for as long as such blocks exist).
+ *
+ * A breach is recorded once per account (the first limit passed) and the
+ * account is queued; the queue is drained under the GIL by the Python
+ * delivery layer, which is woken in two ways, both allocation-free and safe
+ * inside an allocator hook: Py_AddPendingCall (runs at the main thread's next
+ * eval-breaker check, i.e. within a few bytecodes when the allocating code is
+ * on the main thread) and a POSIX semaphore that the delivery thread waits on
+ * (for loops running in other threads, or a main thread blocked in C).
+ */
+#include "meter.h"
+#include <errno.h>
+#include <semaphore.h>
+#include <stdlib.h>
+#include <time.h>
+
+static uint64_t next_account_id = 1;
+static account_t *queue_head = NULL;
+static account_t *queue_tail = NULL;
+static int pending_call_scheduled = 0;
+static sem_t wakeup;
+static PyObject *breach_handler = NULL;
+
+static int accounts_pending_call(void *unused);
+
+int
+accounts_init(void)
+{
+    if (sem_init(&wakeup, 0, 0) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+void
+accounts_after_fork_child(void)
+{
+    /* The delivery thread does not exist in the child; a semaphore that a
+     * vanished thread was waiting on is re-created rather than trusted. */
+    sem_init(&wakeup, 0, 0);
+    pending_call_scheduled = 0;
+}
+
+account_t *
+account_new(account_t *parent, int64_t memory_limit, int64_t allocation_limit)
+{
+    account_t *a = calloc(1, sizeof(account_t));
+    if (a == NULL) {
+        return NULL;
+    }
+    a->id = next_account_id++;
+    a->refcnt = 1;
+    a->parent = parent;
+    if (parent != NULL) {
+        account_incref(parent);
+    }
+    a->memory_limit = memory_limit;
+    a->allocation_limit = allocation_limit;
+    if (memory_limit != NO_LIMIT) {
+        sampler_limit_opened(memory_limit);
+    }
+    if (allocation_limit != NO_LIMIT) {
+        sampler_limit_opened(allocation_limit);
+    }
+    return a;
+}
+
+void
+account_incref(account_t *a)
+{
+    a->refcnt++;
+}
+
+void
+account_decref(account_t *a)
+{
+    /* Iterative so that a long chain of closed accounts cannot recurse. */
+    while (a != NULL && --a->refcnt == 0) {
+        account_t *parent = a->parent;
+        free(a);
+        a = parent;
+    }
+}
+
+void
+account_close(account_t *a)
+{
+    if (a->closed) {
+        return;
+    }
+    a->closed = 1;
+    if (a->memory_limit != NO_LIMIT) {
+        sampler_limit_closed(a->memory_limit);
+    }
+    if (a->allocation_limit != NO_LIMIT) {
+        sampler_limit_closed(a->allocation_limit);
+    }
+}
+
+static void
+wake_deliverer(void)
+{
+    if (!pending_call_scheduled) {
+        /* May fail when the pending-call queue is full or the interpreter
+         * is finalizing; the semaphore still wakes the delivery thread. */
+        if (Py_AddPendingCall(accounts_pending_call, NULL) == 0) {
+            pending_call_scheduled = 1;
+        }
+    }
+    sem_post(&wakeup);
+}
+
+static void
+record_breach(account_t *a, int kind, int64_t limit, int64_t observed)
+{
+    a->breach_kind = kind;
+    a->breach_limit = limit;
+    a->breach_observed = observed;
+    a->queued = 1;
+    account_incref(a);
+    a->next_queued = NULL;
+    if (queue_tail != NULL) {
+        queue_tail->next_queued = a;
+    }
+    else {
+        queue_head = a;
+    }
+    queue_tail = a;
+    wake_deliverer();
+}
+
+void
+account_charge(account_t *a, int64_t weight)
+{
+    for (; a != NULL; a = a->parent) {
+        a->allocated += weight;
+        a->live += weight;
+        if (a->live > a->peak_live) {
+            a->peak_live = a->live;
+        }
+        if (a->closed || a->breach_kind != BREACH_NONE) {
+            continue;
+        }
+        if (a->memory_limit != NO_LIMIT && a->live > a->memory_limit) {
+            record_breach(a, BREACH_MEMORY, a->memory_limit, a->live);
+        }
+        else if (a->allocation_limit != NO_LIMIT
+                 && a->allocated > a->allocation_limit) {
+            record_breach(a, BREACH_ALLOCATIONS, a->allocation_limit,
+                          a->allocated);
+        }
+    }
+}
+
+void
+account_credit(account_t *a, int64_t weight)
+{
+    for (; a != NULL; a = a->parent) {
+        a->live -= weight;
+    }
+}
+
+PyObject *
+accounts_take_breached(void)
+{
+    PyObject *ids = PyList_New(0);
+    if (ids == NULL) {
+        return NULL;
+    }
+    while (queue_head != NULL) {
+        account_t *a = queue_head;
+        PyObject *id = PyLong_FromUnsignedLongLong(a->id);
+        if (id == NULL || PyList_Append(ids, id) < 0) {
+            Py_XDECREF(id);
+            Py_DECREF(ids);
+            return NULL;
+        }
+        Py_DECREF(id);
+        queue_head = a->next_queued;
+        if (queue_head == NULL) {
+            queue_tail = NULL;
+        }
+        a->queued = 0;
+        a->next_queued = NULL;
+        account_decref(a);
+    }
+    return ids;
+}
+
+void
+accounts_set_breach_handler(PyObject *callable)
+{
+    Py_XINCREF(callable);
+    Py_XSETREF(breach_handler, callable);
+}
+
+/* Runs on the main thread at an eval-breaker check, with the GIL held, in
+ * the middle of whatever Python code was running: it must never let an
+ * exception escape into that code. */
+static int
+accounts_pending_call(void *unused)
+{
+    (void)unused;
+    pending_call_scheduled = 0;
+    if (queue_head == NULL || breach_handler == NULL) {
+        return 0;
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *saved = PyErr_GetRaisedException();
+#else
+    PyObject *saved_type, *saved_value, *saved_tb;
+    PyErr_Fetch(&saved_type, &saved_value, &saved_tb);
+#endif
+    PyObject *result = PyObject_CallNoArgs(breach_handler);
+    if (result == NULL) {
+        PyErr_WriteUnraisable(breach_handler);
+    }
+    Py_XDECREF(result);
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(saved);
+#else
+    PyErr_Restore(saved_type, saved_value, saved_tb);
+#endif
+    return 0;
+}
+
+int
+accounts_wait_for_breach(double timeout)
+{
+    if (queue_head != NULL) {
+        return 1;
+    }
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    double whole = (double)(time_t)timeout;
+    deadline.tv_sec += (time_t)timeout;
+    deadline.tv_nsec += (long)((timeout - whole) * 1e9);
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec += 1;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        rc = sem_timedwait(&wakeup, &deadline);
+    } while (rc != 0 && errno == EINTR);
+    Py_END_ALLOW_THREADS
+    /* Coalesce: one drain serves every post made so far. */
+    while (sem_trywait(&wakeup) == 0) {
+    }
+    return queue_head != NULL;
+}

@@ -1,0 +1,371 @@
+/* Allocator hooks on the MEM and OBJ domains.
+ *
+ * Discipline (after CPython's tracemalloc.c, minus its per-free lock):
+ *  - Installed once, never uninstalled: sampled blocks may be freed at any
+ *    time, and a wrapper above us (tracemalloc started later) keeps calling
+ *    our functions.  When our hooks are removed from under us (tracemalloc
+ *    started *before* us and then stopped restores the allocators it saved),
+ *    hooks_check notices and installs them again.
+ *  - Both MEM and OBJ: since 3.13 some dict and bytearray storage goes
+ *    through MEM.  RAW is not hooked: it runs without the GIL and would need
+ *    a lock-free table.  pymalloc forwards big requests to RAW, which we do
+ *    not see twice for that reason.
+ *  - A per-thread depth counter: a hook reached from inside one of our hooks
+ *    (an allocator below us that calls a Python allocator) passes straight
+ *    through, so no block is counted twice.
+ *  - Fast path: a thread-local subtraction and branch on allocation, a
+ *    global load and a filter byte on free.  Everything else (random draws,
+ *    the ContextVar read, the table) happens once per ~R sampled bytes.
+ *  - No Python code, no exception left set, no GIL acquisition inside a hook
+ *    (meter.h).  Shared state is touched only from the main interpreter.
+ */
+#include "meter.h"
+#include <pthread.h>
+
+typedef struct {
+    PyMemAllocatorDomain domain;
+    PyMemAllocatorEx prev;
+} domain_hook_t;
+
+static domain_hook_t mem_hook = {PYMEM_DOMAIN_MEM, {0}};
+static domain_hook_t obj_hook = {PYMEM_DOMAIN_OBJ, {0}};
+static domain_hook_t *const hooked_domains[] = {&mem_hook, &obj_hook};
+#define N_HOOKED ((int)(sizeof(hooked_domains) / sizeof(hooked_domains[0])))
+
+static int installed = 0;
+static int attribution_enabled = 1;
+static PyObject *account_var = NULL;        /* ContextVar, strong ref */
+static PyTypeObject *account_type = NULL;   /* strong ref */
+static PyInterpreterState *main_interp = NULL;
+
+static uint64_t stat_samples = 0;       /* samples charged to an account */
+static uint64_t stat_unattributed = 0;  /* samples outside any scope */
+static uint64_t stat_dropped = 0;       /* samples lost to table OOM */
+static uint64_t stat_reinstalls = 0;
+
+/* True when shared meter state may be touched from this hook call. */
+static inline int
+in_main_interpreter(void)
+{
+    PyThreadState *ts = _PyThreadState_UncheckedGet();
+    return ts != NULL && PyThreadState_GetInterpreter(ts) == main_interp;
+}
+
+/* The account of the allocating context, borrowed: the context holds a
+ * reference for as long as this hook runs. */
+static account_t *
+current_account(void)
+{
+    PyObject *value = NULL;
+    int rc;
+    /* PyContextVar_Get does not allocate and cannot fail for a ContextVar
+     * key, but an allocation may happen while an exception is being
+     * handled: keep the error indicator exactly as we found it. */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *saved = PyErr_GetRaisedException();
+    rc = PyContextVar_Get(account_var, NULL, &value);
+    if (rc < 0) {
+        PyErr_Clear();
+    }
+    PyErr_SetRaisedException(saved);
+#else
+    PyObject *saved_type, *saved_value, *saved_tb;
+    PyErr_Fetch(&saved_type, &saved_value, &saved_tb);
+    rc = PyContextVar_Get(account_var, NULL, &value);
+    if (rc < 0) {
+        PyErr_Clear();
+    }
+    PyErr_Restore(saved_type, saved_value, saved_tb);
+#endif
+    if (rc < 0 || value == NULL) {
+        return NULL;
+    }
+    account_t *account = NULL;
+    if (Py_IS_TYPE(value, account_type)) {
+        account = ((AccountObject *)value)->account;
+    }
+    Py_DECREF(value);
+    return account;
+}
+
+/* Slow path: the countdown reached a mark inside this allocation. */
+static void
+sample(thread_meter_t *t, void *ptr, size_t size)
+{
+    if (t->mean == 0) {
+        /* First allocation of this thread: start its Poisson process here. */
+        sampler_redraw(t);
+        t->countdown -= (int64_t)size;
+        if (t->countdown > 0) {
+            return;
+        }
+    }
+    int64_t weight;
+    if (t->mean <= 1) {
+        weight = (int64_t)size;
+    }
+    else {
+        weight = (1 + sampler_extra_marks(t, -t->countdown)) * t->mean;
+    }
+    sampler_redraw(t);
+    if (ptr == NULL || weight == 0 || !attribution_enabled
+        || !in_main_interpreter()) {
+        return;
+    }
+    account_t *account = current_account();
+    if (account == NULL) {
+        stat_unattributed++;
+        return;
+    }
+    if (blocks_insert((uintptr_t)ptr, account, weight) < 0) {
+        stat_dropped++;
+        return;
+    }
+    stat_samples++;
+    account_charge(account, weight);
+}
+
+static inline void
+count(thread_meter_t *t, void *ptr, size_t size)
+{
+    t->countdown -= (int64_t)size;
+    if (METER_UNLIKELY(t->countdown <= 0)) {
+        sample(t, ptr, size);
+    }
+}
+
+static void
+forget(void *ptr)
+{
+    block_t block;
+    if (!in_main_interpreter()) {
+        return;
+    }
+    if (blocks_take((uintptr_t)ptr, &block)) {
+        account_credit(block.account, block.weight);
+        account_decref(block.account);
+    }
+    else {
+        blocks_note_false_positive();
+    }
+}
+
+static void *
+hook_malloc(void *ctx, size_t size)
+{
+    domain_hook_t *hook = ctx;
+    thread_meter_t *t = &meter_tls;
+    if (METER_UNLIKELY(t->depth)) {
+        return hook->prev.malloc(hook->prev.ctx, size);
+    }
+    t->depth = 1;
+    void *ptr = hook->prev.malloc(hook->prev.ctx, size);
+    count(t, ptr, size);
+    t->depth = 0;
+    return ptr;
+}
+
+static void *
+hook_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    domain_hook_t *hook = ctx;
+    thread_meter_t *t = &meter_tls;
+    if (METER_UNLIKELY(t->depth)) {
+        return hook->prev.calloc(hook->prev.ctx, nelem, elsize);
+    }
+    t->depth = 1;
+    void *ptr = hook->prev.calloc(hook->prev.ctx, nelem, elsize);
+    size_t size;
+    if (!__builtin_mul_overflow(nelem, elsize, &size)) {
+        count(t, ptr, size);
+    }
+    t->depth = 0;
+    return ptr;
+}
+
+static void *
+hook_realloc(void *ctx, void *ptr, size_t size)
+{
+    domain_hook_t *hook = ctx;
+    thread_meter_t *t = &meter_tls;
+    if (METER_UNLIKELY(t->depth)) {
+        return hook->prev.realloc(hook->prev.ctx, ptr, size);
+    }
+    t->depth = 1;
+    /* The old block's record is taken out before the call: once realloc
+     * returns, its address may already belong to someone else. */
+    block_t old;
+    int had_record = ptr != NULL && blocks_maybe_tracked(ptr)
+                     && in_main_interpreter()
+                     && blocks_take((uintptr_t)ptr, &old);
+    void *new_ptr = hook->prev.realloc(hook->prev.ctx, ptr, size);
+    if (had_record) {
+        if (new_ptr == NULL
+            && blocks_insert((uintptr_t)ptr, old.account, old.weight) == 0) {
+            /* Failed: the old block is still there, and still charged. */
+        }
+        else {
+            account_credit(old.account, old.weight);
+        }
+        account_decref(old.account);
+    }
+    /* A realloc is charged its whole new size, like tracemalloc: it may move
+     * and copy the block, and the old size is unknown for unsampled blocks. */
+    count(t, new_ptr, size);
+    t->depth = 0;
+    return new_ptr;
+}
+
+static void
+hook_free(void *ctx, void *ptr)
+{
+    domain_hook_t *hook = ctx;
+    if (ptr != NULL && METER_UNLIKELY(blocks_maybe_tracked(ptr))) {
+        forget(ptr);
+    }
+    hook->prev.free(hook->prev.ctx, ptr);
+}
+
+static void
+install_domain(domain_hook_t *hook)
+{
+    PyMemAllocatorEx ours = {hook, hook_malloc, hook_calloc, hook_realloc,
+                             hook_free};
+    PyMem_GetAllocator(hook->domain, &hook->prev);
+    PyMem_SetAllocator(hook->domain, &ours);
+}
+
+static void
+after_fork_child(void)
+{
+    accounts_after_fork_child();
+}
+
+int
+hooks_install(void)
+{
+    if (installed) {
+        return 0;
+    }
+    static int atfork_registered = 0;
+    if (!atfork_registered) {
+        if (pthread_atfork(NULL, NULL, after_fork_child) != 0) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "memlimits_async: pthread_atfork failed");
+            return -1;
+        }
+        atfork_registered = 1;
+    }
+    for (int i = 0; i < N_HOOKED; i++) {
+        install_domain(hooked_domains[i]);
+    }
+    installed = 1;
+    return 0;
+}
+
+int
+hooks_installed(void)
+{
+    return installed;
+}
+
+/* Does an allocation in this domain still reach our hook?  A wrapper
+ * installed above us (tracemalloc started later) is fine as long as it calls
+ * us; we find out by allocating once and watching our own countdown, which
+ * costs nothing on the fast path. */
+static int
+domain_reaches_us(domain_hook_t *hook)
+{
+    PyMemAllocatorEx current;
+    PyMem_GetAllocator(hook->domain, &current);
+    if (current.malloc == hook_malloc && current.ctx == hook) {
+        return 1;
+    }
+    thread_meter_t *t = &meter_tls;
+    int64_t saved = t->countdown;
+    t->countdown = INT64_MAX / 2;
+    void *probe = hook->domain == PYMEM_DOMAIN_MEM ? PyMem_Malloc(8)
+                                                   : PyObject_Malloc(8);
+    int reached = t->countdown != INT64_MAX / 2;
+    if (hook->domain == PYMEM_DOMAIN_MEM) {
+        PyMem_Free(probe);
+    }
+    else {
+        PyObject_Free(probe);
+    }
+    t->countdown = saved;
+    return reached;
+}
+
+int
+hooks_check(void)
+{
+    if (!installed) {
+        return 1;
+    }
+    int intact = 1;
+    for (int i = 0; i < N_HOOKED; i++) {
+        if (!domain_reaches_us(hooked_domains[i])) {
+            intact = 0;
+        }
+    }
+    if (intact) {
+        return 1;
+    }
+    /* Frees were missed while we were unhooked, so no record can be trusted
+     * any longer: credit them all back (live estimates restart from the
+     * blocks sampled from now on; cumulative counts are kept). */
+    blocks_forget_all();
+    for (int i = 0; i < N_HOOKED; i++) {
+        if (!domain_reaches_us(hooked_domains[i])) {
+            install_domain(hooked_domains[i]);
+        }
+    }
+    stat_reinstalls++;
+    return 0;
+}
+
+void
+hooks_disable_attribution(void)
+{
+    attribution_enabled = 0;
+}
+
+int
+hooks_init_module(PyObject *context_var, PyTypeObject *type)
+{
+    Py_INCREF(context_var);
+    account_var = context_var;
+    Py_INCREF(type);
+    account_type = type;
+    main_interp = PyInterpreterState_Main();
+    return 0;
+}
+
+#define SET_STAT(dict, key, value)                                       \
+    do {                                                                 \
+        PyObject *v_ = PyLong_FromLongLong((long long)(value));          \
+        if (v_ == NULL || PyDict_SetItemString(dict, key, v_) < 0) {     \
+            Py_XDECREF(v_);                                              \
+            return -1;                                                   \
+        }                                                                \
+        Py_DECREF(v_);                                                   \
+    } while (0)
+
+int
+hooks_stats(PyObject *dict)
+{
+    SET_STAT(dict, "installed", installed);
+    SET_STAT(dict, "reinstalls", stat_reinstalls);
+    SET_STAT(dict, "samples", stat_samples);
+    SET_STAT(dict, "unattributed_samples", stat_unattributed);
+    SET_STAT(dict, "dropped_samples", stat_dropped);
+    SET_STAT(dict, "tracked_blocks", blocks_count);
+    SET_STAT(dict, "table_capacity", blocks_capacity());
+    SET_STAT(dict, "filter_false_positives", blocks_filter_false_positives());
+    SET_STAT(dict, "sampling_interval", sampler_interval);
+    SET_STAT(dict, "configured_sampling_interval", sampler_configured());
+    SET_STAT(dict, "min_adaptive_interval", sampler_min_adaptive_interval());
+    SET_STAT(dict, "samples_per_limit", sampler_samples_per_limit());
+    return 0;
+}

@@ -1,0 +1,169 @@
+/* The allocation meter: shared declarations of the C layer.
+ *
+ * The meter wraps CPython's MEM and OBJ allocator domains, samples the bytes
+ * they hand out with a Poisson process (every byte is "marked" with
+ * probability 1/R), charges each sample to the account found in a ContextVar
+ * of the allocating context and to every enclosing account, remembers sampled
+ * blocks so that their free credits the same accounts, and records a breach
+ * when an account passes one of its limits.  It knows nothing of event loops:
+ * a breach is put on a queue and a registered Python callable is woken
+ * (Py_AddPendingCall on the main thread, a semaphore for the delivery
+ * thread), which is where the Python layer takes over.
+ *
+ * Concurrency invariant (enforced in hooks.c): every piece of shared state in
+ * this layer (accounts, the block table, the breach queue, the interval
+ * buckets) is touched only by a thread that holds the GIL of the *main*
+ * interpreter.  MEM/OBJ hooks are called with the GIL held; a hook running in
+ * another interpreter (which may have its own GIL) leaves shared state alone.
+ * The only state touched without that guarantee is thread-local (the
+ * sampler's countdown) or read-only (the filter bytes, which are never
+ * freed).  The free-threaded build is refused at import.
+ *
+ * Hook invariant: no hook runs Python code, sets an exception, takes the GIL,
+ * or allocates through a Python allocator domain.  The only allocations in a
+ * hook are libc calloc/free of the block table, never of a hooked domain.
+ */
+#ifndef MEMLIMITS_METER_H
+#define MEMLIMITS_METER_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#ifdef Py_GIL_DISABLED
+#error "memlimits_async does not support the free-threaded build yet"
+#endif
+
+/* initial-exec TLS: one %fs-relative access instead of a __tls_get_addr call
+ * per hook (research: +12-69% overhead with the default model in a .so). */
+#if defined(__GNUC__) && defined(__ELF__)
+#define METER_TLS __thread __attribute__((tls_model("initial-exec")))
+#else
+#define METER_TLS _Thread_local
+#endif
+
+#define METER_LIKELY(x) __builtin_expect(!!(x), 1)
+#define METER_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* ---- breach kinds (mirror memlimits_async._accounts.BreachKind) ---- */
+enum {
+    BREACH_NONE = 0,
+    BREACH_MEMORY = 1,
+    BREACH_ALLOCATIONS = 2,
+};
+
+#define NO_LIMIT (-1)
+
+/* ---- accounts (accounts.c) ----
+ * A plain C struct with its own reference count, so that a free (which may
+ * happen long after the scope that owned the account has gone) never runs
+ * Python code.  References are held by: the Python Account object, every
+ * child account (parent link), every sampled block charged to it, and the
+ * breach queue while it is queued. */
+typedef struct account {
+    uint64_t id;
+    Py_ssize_t refcnt;
+    struct account *parent;
+    int64_t allocated;       /* cumulative bytes allocated (estimate) */
+    int64_t live;            /* bytes of sampled blocks not yet freed */
+    int64_t peak_live;
+    int64_t memory_limit;    /* NO_LIMIT or bytes */
+    int64_t allocation_limit;
+    int closed;              /* its scope has exited: count, never breach */
+    int breach_kind;         /* first breach only; sticky */
+    int64_t breach_limit;
+    int64_t breach_observed;
+    int queued;
+    struct account *next_queued;
+} account_t;
+
+account_t *account_new(account_t *parent, int64_t memory_limit,
+                       int64_t allocation_limit);
+void account_incref(account_t *a);
+void account_decref(account_t *a);
+void account_close(account_t *a);
+/* Charge `weight` bytes to `a` and every ancestor; may record breaches. */
+void account_charge(account_t *a, int64_t weight);
+/* Credit `weight` live bytes back to `a` and every ancestor. */
+void account_credit(account_t *a, int64_t weight);
+/* Pop every queued breached account; returns a new list of ids (GIL). */
+PyObject *accounts_take_breached(void);
+int accounts_wait_for_breach(double timeout);  /* releases the GIL */
+void accounts_set_breach_handler(PyObject *callable);
+void accounts_after_fork_child(void);
+int accounts_init(void);
+
+/* ---- the sampler (sampler.c) ---- */
+typedef struct {
+    int64_t countdown;   /* bytes until the next mark; <= 0 -> slow path */
+    int depth;           /* > 0 while inside one of our hooks */
+    int64_t mean;        /* interval the current countdown was drawn with; 0 = new thread */
+    uint64_t epoch;      /* value of sampler_epoch at the last draw */
+    uint64_t rng;        /* xorshift64* state */
+} thread_meter_t;
+
+extern METER_TLS thread_meter_t meter_tls;
+
+extern int64_t sampler_interval;        /* effective mean interval R (bytes) */
+extern uint64_t sampler_epoch;          /* bumped whenever R changes */
+void sampler_set_configured(int64_t interval);
+int64_t sampler_configured(void);
+void sampler_limit_opened(int64_t limit);
+void sampler_limit_closed(int64_t limit);
+/* Start a fresh countdown for this thread with the current R. */
+void sampler_redraw(thread_meter_t *t);
+/* Number of marks that fall in the `overshoot` bytes after the first one. */
+int64_t sampler_extra_marks(thread_meter_t *t, int64_t overshoot);
+int64_t sampler_min_adaptive_interval(void);
+int64_t sampler_samples_per_limit(void);
+
+/* ---- sampled blocks (blocks.c) ---- */
+typedef struct {
+    uintptr_t ptr;       /* 0 = empty slot */
+    account_t *account;  /* strong reference */
+    int64_t weight;
+} block_t;
+
+extern Py_ssize_t blocks_count;
+extern uint8_t blocks_filter[];
+#define BLOCKS_FILTER_BITS 16
+
+static inline size_t
+blocks_filter_index(uintptr_t ptr)
+{
+    return (size_t)(((uint64_t)(ptr >> 4) * 0x9E3779B97F4A7C15ULL)
+                    >> (64 - BLOCKS_FILTER_BITS));
+}
+
+/* Cheap pre-check for the free path: false means "certainly not tracked". */
+static inline int
+blocks_maybe_tracked(const void *ptr)
+{
+    return blocks_count != 0 && blocks_filter[blocks_filter_index((uintptr_t)ptr)];
+}
+
+int blocks_insert(uintptr_t ptr, account_t *account, int64_t weight);
+/* Remove ptr's record; on success fills *out (the caller owns the reference). */
+int blocks_take(uintptr_t ptr, block_t *out);
+/* Forget every record, crediting the accounts (used after re-hooking). */
+void blocks_forget_all(void);
+Py_ssize_t blocks_capacity(void);
+uint64_t blocks_filter_false_positives(void);
+void blocks_note_false_positive(void);
+
+/* ---- hooks (hooks.c) ---- */
+int hooks_install(void);         /* idempotent; -1 with exception on failure */
+int hooks_installed(void);
+/* 1 = still on top (or below a later wrapper that calls us), 0 = re-installed. */
+int hooks_check(void);
+int hooks_stats(PyObject *dict);
+int hooks_init_module(PyObject *context_var, PyTypeObject *account_type);
+void hooks_disable_attribution(void);
+
+/* Account object (module.c): the ContextVar holds one of these. */
+typedef struct {
+    PyObject_HEAD
+    account_t *account;
+} AccountObject;
+
+#endif /* MEMLIMITS_METER_H */

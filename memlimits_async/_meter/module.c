@@ -1,0 +1,303 @@
+/* memlimits_async._meter._core: the Python face of the C meter.
+ *
+ * Single-phase initialisation on purpose: the meter's state is process-wide
+ * (there is one allocator table per process), and CPython refuses to import a
+ * single-phase module into an isolated subinterpreter, which is exactly the
+ * case this layer does not handle.
+ */
+#include "meter.h"
+
+static PyTypeObject AccountType;
+static PyObject *current_account_var = NULL;
+
+static int
+parse_limit(PyObject *value, const char *name, int64_t *out)
+{
+    if (value == Py_None) {
+        *out = NO_LIMIT;
+        return 0;
+    }
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int or None, not %.100s",
+                     name, Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (v < 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be >= 0, got %lld", name, v);
+        return -1;
+    }
+    *out = (int64_t)v;
+    return 0;
+}
+
+static PyObject *
+Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"parent", "memory_limit", "allocation_limit",
+                               NULL};
+    PyObject *parent = Py_None;
+    PyObject *memory = Py_None;
+    PyObject *allocations = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OOO:Account", keywords,
+                                     &parent, &memory, &allocations)) {
+        return NULL;
+    }
+    if (parent != Py_None && !Py_IS_TYPE(parent, &AccountType)) {
+        PyErr_Format(PyExc_TypeError,
+                     "parent must be an Account or None, not %.100s",
+                     Py_TYPE(parent)->tp_name);
+        return NULL;
+    }
+    int64_t memory_limit, allocation_limit;
+    if (parse_limit(memory, "memory_limit", &memory_limit) < 0
+        || parse_limit(allocations, "allocation_limit", &allocation_limit) < 0) {
+        return NULL;
+    }
+    if (hooks_install() < 0) {
+        return NULL;
+    }
+    AccountObject *self = (AccountObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    account_t *parent_account =
+        parent == Py_None ? NULL : ((AccountObject *)parent)->account;
+    self->account = account_new(parent_account, memory_limit, allocation_limit);
+    if (self->account == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    /* The new limit may have lowered the interval: restart this thread's
+     * countdown with it, so the scope's first bytes are sampled at its rate
+     * (memorylessness makes the restart unbiased). */
+    if (meter_tls.epoch != sampler_epoch) {
+        sampler_redraw(&meter_tls);
+    }
+    return (PyObject *)self;
+}
+
+static void
+Account_dealloc(AccountObject *self)
+{
+    if (self->account != NULL) {
+        account_close(self->account);
+        account_decref(self->account);
+        self->account = NULL;
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Account_usage(AccountObject *self, PyObject *Py_UNUSED(ignored))
+{
+    account_t *a = self->account;
+    return Py_BuildValue("(LLL)", (long long)a->allocated, (long long)a->live,
+                         (long long)a->peak_live);
+}
+
+static PyObject *
+Account_breach(AccountObject *self, PyObject *Py_UNUSED(ignored))
+{
+    account_t *a = self->account;
+    if (a->breach_kind == BREACH_NONE) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(iLL)", a->breach_kind, (long long)a->breach_limit,
+                         (long long)a->breach_observed);
+}
+
+static PyObject *
+Account_close(AccountObject *self, PyObject *Py_UNUSED(ignored))
+{
+    account_close(self->account);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Account_get_id(AccountObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->account->id);
+}
+
+static PyObject *
+Account_get_closed(AccountObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->account->closed);
+}
+
+static PyMethodDef Account_methods[] = {
+    {"usage", (PyCFunction)Account_usage, METH_NOARGS,
+     "usage() -> (allocated, live, peak_live): estimated bytes."},
+    {"breach", (PyCFunction)Account_breach, METH_NOARGS,
+     "breach() -> None | (kind, limit, observed): the first limit passed."},
+    {"close", (PyCFunction)Account_close, METH_NOARGS,
+     "close(): the scope has exited; keep counting, never breach."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Account_getset[] = {
+    {"id", (getter)Account_get_id, NULL, "Unique id of this account.", NULL},
+    {"closed", (getter)Account_get_closed, NULL, "Whether close() was called.",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject AccountType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memlimits_async._meter._core.Account",
+    .tp_doc = PyDoc_STR("Account(parent=None, memory_limit=None, "
+                        "allocation_limit=None)\n\n"
+                        "What one scope is charged.  Charges also go to "
+                        "every ancestor."),
+    .tp_basicsize = sizeof(AccountObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,  /* not subclassable: hooks test the exact type */
+    .tp_new = Account_new,
+    .tp_dealloc = (destructor)Account_dealloc,
+    .tp_methods = Account_methods,
+    .tp_getset = Account_getset,
+};
+
+static PyObject *
+meter_install(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    if (hooks_install() < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+meter_check_hooks(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(hooks_check());
+}
+
+static PyObject *
+meter_set_sampling_interval(PyObject *module, PyObject *arg)
+{
+    long long interval = PyLong_AsLongLong(arg);
+    if (interval == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (interval < 1) {
+        PyErr_SetString(PyExc_ValueError, "sampling_interval must be >= 1");
+        return NULL;
+    }
+    sampler_set_configured((int64_t)interval);
+    sampler_redraw(&meter_tls);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+meter_stats(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *dict = PyDict_New();
+    if (dict == NULL) {
+        return NULL;
+    }
+    if (hooks_stats(dict) < 0) {
+        Py_DECREF(dict);
+        return NULL;
+    }
+    return dict;
+}
+
+static PyObject *
+meter_take_breached(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    return accounts_take_breached();
+}
+
+static PyObject *
+meter_wait_for_breach(PyObject *module, PyObject *arg)
+{
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!(timeout >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be >= 0");
+        return NULL;
+    }
+    return PyBool_FromLong(accounts_wait_for_breach(timeout));
+}
+
+static PyObject *
+meter_set_breach_handler(PyObject *module, PyObject *arg)
+{
+    if (arg != Py_None && !PyCallable_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "handler must be callable or None");
+        return NULL;
+    }
+    accounts_set_breach_handler(arg == Py_None ? NULL : arg);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+meter_disable_attribution(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    hooks_disable_attribution();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef meter_methods[] = {
+    {"install", meter_install, METH_NOARGS,
+     "Install the allocator hooks (idempotent; never uninstalled)."},
+    {"check_hooks", meter_check_hooks, METH_NOARGS,
+     "Re-install the hooks if they were removed; False if that happened."},
+    {"set_sampling_interval", meter_set_sampling_interval, METH_O,
+     "Set the configured (maximum) mean sampling interval in bytes."},
+    {"stats", meter_stats, METH_NOARGS, "Counters of the meter."},
+    {"take_breached", meter_take_breached, METH_NOARGS,
+     "Ids of the accounts breached since the last call."},
+    {"wait_for_breach", meter_wait_for_breach, METH_O,
+     "Block (GIL released) until a breach is queued or timeout passes."},
+    {"set_breach_handler", meter_set_breach_handler, METH_O,
+     "Callable run on the main thread soon after a breach is queued."},
+    {"disable_attribution", meter_disable_attribution, METH_NOARGS,
+     "Stop charging accounts (interpreter shutdown)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef meter_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "memlimits_async._meter._core",
+    .m_doc = "Sampling allocation meter (C layer of memlimits_async).",
+    .m_size = -1,
+    .m_methods = meter_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    if (PyType_Ready(&AccountType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&meter_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (current_account_var == NULL) {
+        current_account_var =
+            PyContextVar_New("memlimits_async.current_account", NULL);
+        if (current_account_var == NULL || accounts_init() < 0
+            || hooks_init_module(current_account_var, &AccountType) < 0) {
+            Py_DECREF(module);
+            return NULL;
+        }
+    }
+    if (PyModule_AddObjectRef(module, "Account", (PyObject *)&AccountType) < 0
+        || PyModule_AddObjectRef(module, "current_account",
+                                 current_account_var) < 0
+        || PyModule_AddIntConstant(module, "BREACH_MEMORY", BREACH_MEMORY) < 0
+        || PyModule_AddIntConstant(module, "BREACH_ALLOCATIONS",
+                                   BREACH_ALLOCATIONS) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

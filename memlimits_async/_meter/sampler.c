@@ -1,0 +1,235 @@
+/* Poisson byte sampling: per-thread countdowns, random draws, and the
+ * effective sampling interval.
+ *
+ * Every byte is marked independently with probability 1/R.  A thread keeps
+ * the number of bytes until its next mark (an Exp(R) draw); an allocation
+ * that reaches the mark is sampled and carries 1 + Poisson(rest/R) marks,
+ * each worth R bytes.  Because the exponential is memoryless, a countdown may
+ * be thrown away and redrawn at any moment without biasing the estimate, and
+ * the weight of a sample is the R its countdown was drawn with; so R can
+ * change at any time (see sampler_limit_opened) and estimates stay unbiased.
+ *
+ * Effective interval: R = min(configured, max(MIN_ADAPTIVE, L / K)) where L is
+ * the smallest limit in force, rounded down to 4 significant bits, and K =
+ * SAMPLES_PER_LIMIT.  With K >= 1200 samples per limit, an estimate crosses
+ * L before the truth reaches 0.8 L, or has not crossed by 1.2 L, each with
+ * probability < 1e-10 (docs/accuracy.md has the computation).
+ */
+#include "meter.h"
+#include <math.h>
+#include <time.h>
+
+#define SAMPLES_PER_LIMIT 1200
+#define MIN_ADAPTIVE_INTERVAL 512
+#define DEFAULT_INTERVAL (64 * 1024)
+#define N_BUCKETS (64 * 8)
+
+METER_TLS thread_meter_t meter_tls;
+
+int64_t sampler_interval = DEFAULT_INTERVAL;
+uint64_t sampler_epoch = 1;
+static int64_t configured_interval = DEFAULT_INTERVAL;
+
+/* Open limits, counted by their value rounded down to 4 significant bits.
+ * Bucket 0 holds limits of 0 bytes. */
+static Py_ssize_t bucket_counts[N_BUCKETS + 1];
+static int min_bucket = N_BUCKETS + 1;   /* none open */
+
+static int
+bucket_of(int64_t limit)
+{
+    if (limit <= 0) {
+        return 0;
+    }
+    int top = 63 - __builtin_clzll((unsigned long long)limit);
+    int mantissa = top >= 3 ? (int)((limit >> (top - 3)) & 7)
+                            : (int)((limit << (3 - top)) & 7);
+    return 1 + top * 8 + mantissa;
+}
+
+static int64_t
+bucket_floor(int bucket)
+{
+    if (bucket == 0) {
+        return 0;
+    }
+    int top = (bucket - 1) / 8;
+    int64_t mantissa = 8 | ((bucket - 1) % 8);
+    return top >= 3 ? mantissa << (top - 3) : mantissa >> (3 - top);
+}
+
+static void
+recompute_interval(void)
+{
+    int64_t r = configured_interval;
+    if (min_bucket <= N_BUCKETS) {
+        int64_t adaptive = bucket_floor(min_bucket) / SAMPLES_PER_LIMIT;
+        if (adaptive < MIN_ADAPTIVE_INTERVAL) {
+            adaptive = MIN_ADAPTIVE_INTERVAL;
+        }
+        if (adaptive < r) {
+            r = adaptive;
+        }
+    }
+    if (r != sampler_interval) {
+        sampler_interval = r;
+        sampler_epoch++;
+    }
+}
+
+void
+sampler_set_configured(int64_t interval)
+{
+    configured_interval = interval;
+    recompute_interval();
+}
+
+int64_t
+sampler_configured(void)
+{
+    return configured_interval;
+}
+
+int64_t
+sampler_min_adaptive_interval(void)
+{
+    return MIN_ADAPTIVE_INTERVAL;
+}
+
+int64_t
+sampler_samples_per_limit(void)
+{
+    return SAMPLES_PER_LIMIT;
+}
+
+void
+sampler_limit_opened(int64_t limit)
+{
+    int b = bucket_of(limit);
+    bucket_counts[b]++;
+    if (b < min_bucket) {
+        min_bucket = b;
+        recompute_interval();
+    }
+}
+
+void
+sampler_limit_closed(int64_t limit)
+{
+    int b = bucket_of(limit);
+    if (bucket_counts[b] > 0) {
+        bucket_counts[b]--;
+    }
+    if (b == min_bucket && bucket_counts[b] == 0) {
+        while (min_bucket <= N_BUCKETS && bucket_counts[min_bucket] == 0) {
+            min_bucket++;
+        }
+        recompute_interval();
+    }
+}
+
+/* ---- random numbers ---- */
+
+static uint64_t seed_counter = 0x853c49e6748fea9bULL;
+
+static uint64_t
+splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+static void
+seed_thread(thread_meter_t *t)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    /* seed_counter is shared; a lost update between two threads only makes
+     * two seeds depend on the same counter value, still mixed with the
+     * thread's own address and the clock. */
+    uint64_t s = seed_counter ^ (uint64_t)(uintptr_t)t
+                 ^ ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec;
+    seed_counter = splitmix64(&s);
+    t->rng = splitmix64(&s) | 1;
+}
+
+/* Uniform in (0, 1]: never 0, so log() is finite. */
+static double
+uniform(thread_meter_t *t)
+{
+    uint64_t x = t->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    t->rng = x;
+    return (double)(((x * 0x2545F4914F6CDD1DULL) >> 11) + 1) * 0x1.0p-53;
+}
+
+void
+sampler_redraw(thread_meter_t *t)
+{
+    if (t->rng == 0) {
+        seed_thread(t);
+    }
+    t->mean = sampler_interval;
+    t->epoch = sampler_epoch;
+    if (t->mean <= 1) {
+        /* Exact accounting: every allocation reaches the slow path. */
+        t->countdown = 0;
+        return;
+    }
+    double gap = -log(uniform(t)) * (double)t->mean;
+    t->countdown = gap >= 4e18 ? INT64_MAX : (int64_t)gap + 1;
+}
+
+/* Poisson(lam) for lam >= 10: Hoermann's PTRS transformed rejection, as in
+ * numpy's random_poisson_ptrs.  O(1) expected time. */
+static int64_t
+poisson_ptrs(thread_meter_t *t, double lam)
+{
+    double slam = sqrt(lam);
+    double loglam = log(lam);
+    double b = 0.931 + 2.53 * slam;
+    double a = -0.059 + 0.02483 * b;
+    double invalpha = 1.1239 + 1.1328 / (b - 3.4);
+    double vr = 0.9277 - 3.6224 / (b - 2);
+    for (;;) {
+        double u = uniform(t) - 0.5;
+        double v = uniform(t);
+        double us = 0.5 - fabs(u);
+        int64_t k = (int64_t)floor((2 * a / us + b) * u + lam + 0.43);
+        if (us >= 0.07 && v <= vr) {
+            return k;
+        }
+        if (k < 0 || (us < 0.013 && v > us)) {
+            continue;
+        }
+        if (log(v) + log(invalpha) - log(a / (us * us) + b)
+            <= -lam + (double)k * loglam - lgamma((double)k + 1)) {
+            return k;
+        }
+    }
+}
+
+int64_t
+sampler_extra_marks(thread_meter_t *t, int64_t overshoot)
+{
+    if (overshoot <= 0) {
+        return 0;
+    }
+    double lam = (double)overshoot / (double)t->mean;
+    if (lam >= 10) {
+        return poisson_ptrs(t, lam);
+    }
+    /* Knuth: count uniforms until their product drops below e^-lam. */
+    double limit = exp(-lam);
+    double product = uniform(t);
+    int64_t k = 0;
+    while (product > limit) {
+        k++;
+        product *= uniform(t);
+    }
+    return k;
+}

@@ -1,0 +1,348 @@
+"""LimitScope: a cancel scope whose deadline is a budget of bytes.
+
+``limit_scope(memory="50 MiB")`` is to live bytes what
+``anyio.move_on_after(5)`` is to time: when the bytes held by the scope's
+tasks pass the limit, the scope is cancelled (at the task's next checkpoint,
+through an anyio ``CancelScope``, so level-triggered re-delivery, shields and
+nesting behave as anyio and trio users expect), and the scope then reports
+what happened.
+
+Result contract (from memprof-limits):
+
+* ``breached`` is True iff *this* scope's own limit or timeout fired; it stays
+  True when the body swallowed the cancellation and returned normally;
+* the cancellation caused by a breach never leaves the scope; with
+  ``raise_on_breach=True`` the scope raises a :class:`LimitReached` subclass
+  on exit instead;
+* any other exception leaves the scope unchanged, breach or not.
+
+Outside an event-loop task (a script, a worker thread) the scope meters and
+reports but cannot interrupt: a breach is reported at exit.
+
+This module knows nothing of C: it talks to ``_accounts`` (what is charged)
+and ``_delivery`` (how a breach reaches this task's loop).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from types import TracebackType
+
+import anyio
+
+from ._accounts import Breach, BreachKind, OpenAccount, Usage
+from ._delivery import LoopHandle, current_loop_handle, register, unregister
+from ._exceptions import exception_for
+from ._units import parse_optional_size
+
+__all__ = ["LimitScope", "limit_scope"]
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    ACTIVE = "active"
+    EXITED = "exited"
+
+
+def _parse_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(
+            f"timeout must be a number of seconds or None, "
+            f"not {type(timeout).__name__}"
+        )
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _require_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+    return value
+
+
+class LimitScope:
+    """A scope with a memory budget, an allocation budget and a timeout.
+
+    Create it with :func:`limit_scope`.  Use it once, as ``async with`` or
+    ``with``, in the task (or thread) that runs the work.
+    """
+
+    __slots__ = (
+        "_account",
+        "_allocations",
+        "_breach",
+        "_cancel_reason",
+        "_cancel_requested",
+        "_cancel_scope",
+        "_deadline",
+        "_final_usage",
+        "_loop",
+        "_memory",
+        "_raise_on_breach",
+        "_shield",
+        "_started_at",
+        "_state",
+        "_timeout",
+        "_timeout_came_first",
+    )
+
+    def __init__(
+        self,
+        *,
+        memory: int | str | None = None,
+        allocations: int | str | None = None,
+        timeout: float | None = None,
+        shield: bool = False,
+        raise_on_breach: bool = False,
+    ) -> None:
+        self._memory = parse_optional_size(memory, name="memory")
+        self._allocations = parse_optional_size(allocations, name="allocations")
+        self._timeout = _parse_timeout(timeout)
+        self._shield = _require_bool(shield, "shield")
+        self._raise_on_breach = _require_bool(raise_on_breach, "raise_on_breach")
+        self._state = _State.NEW
+        self._account: OpenAccount | None = None
+        self._cancel_scope: anyio.CancelScope | None = None
+        self._loop: LoopHandle | None = None
+        self._deadline = math.inf
+        self._started_at = 0.0
+        self._breach: Breach | None = None
+        self._final_usage = Usage(0, 0, 0)
+        self._cancel_requested = False
+        self._cancel_reason: str | None = None
+        self._timeout_came_first = False
+
+    # ---- entering and leaving ----
+
+    def __enter__(self) -> LimitScope:
+        if self._state is not _State.NEW:
+            raise RuntimeError("a limit_scope can only be entered once")
+        loop = current_loop_handle()
+        if loop is None and self._cancel_requested:
+            raise RuntimeError(
+                "this limit_scope was cancelled before entry, but it is "
+                "entered outside any event-loop task, where nothing can "
+                "cancel it"
+            )
+        cancel_scope = None
+        if loop is not None:
+            deadline = math.inf
+            if self._timeout is not None:
+                deadline = anyio.current_time() + self._timeout
+            cancel_scope = anyio.CancelScope(deadline=deadline, shield=self._shield)
+            cancel_scope.__enter__()
+        try:
+            account = OpenAccount(memory=self._memory, allocations=self._allocations)
+            try:
+                if loop is not None:
+                    register(account.id, self._on_breach)
+            except BaseException:
+                account.close()
+                raise
+        except BaseException:
+            if cancel_scope is not None:
+                cancel_scope.__exit__(None, None, None)
+            raise
+        self._account = account
+        self._cancel_scope = cancel_scope
+        self._loop = loop
+        self._started_at = time.monotonic()
+        if cancel_scope is not None:
+            self._deadline = cancel_scope.deadline
+            if self._cancel_requested:
+                cancel_scope.cancel(self._cancel_reason)
+        elif self._timeout is not None:
+            self._deadline = self._started_at + self._timeout
+        self._state = _State.ACTIVE
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if self._state is not _State.ACTIVE or self._account is None:
+            raise RuntimeError("this limit_scope is not active")
+        self._state = _State.EXITED
+        account = self._account
+        unregister(account.id)
+        breach = account.breach()
+        self._final_usage = account.usage()
+        account.close()
+        elapsed = time.monotonic() - self._started_at
+        suppressed = False
+        if self._cancel_scope is not None:
+            suppressed = bool(self._cancel_scope.__exit__(exc_type, exc, tb))
+            # Cancelled with no breach and no cancel() call: the deadline did it.
+            timed_out = self._cancel_scope.cancel_called and (
+                self._timeout_came_first
+                or (breach is None and not self._cancel_requested)
+            )
+        else:
+            timed_out = breach is None and time.monotonic() >= self._deadline
+        if timed_out:
+            breach = self._timeout_breach(elapsed)
+        self._breach = breach
+        if breach is not None and self._raise_on_breach and (exc is None or suppressed):
+            raise exception_for(breach) from None
+        return suppressed
+
+    async def __aenter__(self) -> LimitScope:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
+    # ---- delivery ----
+
+    def _on_breach(self) -> None:
+        """Called by the delivery layer, on any thread, right after a breach."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._cancel_for_breach)
+
+    def _cancel_for_breach(self) -> None:
+        """Runs on the scope's own loop thread, between task steps."""
+        if self._state is not _State.ACTIVE or self._cancel_scope is None:
+            return
+        breach = self._account.breach() if self._account is not None else None
+        if breach is None:
+            return
+        if self._cancel_scope.cancel_called and not self._cancel_requested:
+            self._timeout_came_first = True
+            return
+        self._cancel_scope.cancel(breach.reason)
+
+    def _timeout_breach(self, elapsed: float) -> Breach:
+        assert self._timeout is not None
+        return Breach(
+            BreachKind.TIMEOUT,
+            self._timeout,
+            elapsed,
+            f"timeout of {self._timeout:g} s expired ({elapsed:.3g} s elapsed)",
+        )
+
+    # ---- what the user sees ----
+
+    def cancel(self, reason: str | None = None) -> None:
+        """Cancel the scope, like ``anyio.CancelScope.cancel``.
+
+        This is not a breach: ``breached`` stays False unless a limit fired.
+        Call it from the scope's own event-loop thread.  A scope running
+        outside any event-loop task cannot be cancelled (``RuntimeError``).
+        """
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
+        if self._state is _State.ACTIVE and self._cancel_scope is None:
+            raise RuntimeError(
+                "this limit_scope runs outside any event-loop task, where "
+                "nothing can cancel it"
+            )
+        self._cancel_requested = True
+        self._cancel_reason = reason
+        if self._state is _State.ACTIVE and self._cancel_scope is not None:
+            self._cancel_scope.cancel(reason)
+
+    @property
+    def cancel_called(self) -> bool:
+        """True once :meth:`cancel` was called or a breach cancelled the scope."""
+        if self._cancel_scope is not None:
+            return self._cancel_scope.cancel_called
+        return self._cancel_requested
+
+    @property
+    def breach(self) -> Breach | None:
+        """What fired, or None.  While the scope is active this is read live
+        from the meter (a timeout is only known at exit)."""
+        if self._state is _State.ACTIVE and self._account is not None:
+            return self._account.breach()
+        return self._breach
+
+    @property
+    def breached(self) -> bool:
+        """True iff this scope's own limit or timeout fired."""
+        return self.breach is not None
+
+    @property
+    def usage(self) -> Usage:
+        """Bytes charged so far (while active) or at exit (afterwards)."""
+        if self._state is _State.ACTIVE and self._account is not None:
+            return self._account.usage()
+        return self._final_usage
+
+    @property
+    def memory(self) -> int | None:
+        """The live-bytes limit, in bytes, or None."""
+        return self._memory
+
+    @property
+    def allocations(self) -> int | None:
+        """The cumulative allocation limit, in bytes, or None."""
+        return self._allocations
+
+    @property
+    def timeout(self) -> float | None:
+        """The timeout in seconds, or None."""
+        return self._timeout
+
+    @property
+    def shield(self) -> bool:
+        return self._shield
+
+    def __repr__(self) -> str:
+        limits = [
+            f"{name}={value!r}"
+            for name, value in (
+                ("memory", self._memory),
+                ("allocations", self._allocations),
+                ("timeout", self._timeout),
+            )
+            if value is not None
+        ]
+        breach = self.breach
+        status = self._state.value if breach is None else f"breached: {breach.reason}"
+        return f"<LimitScope {' '.join(limits) or 'unlimited'} ({status})>"
+
+
+def limit_scope(
+    *,
+    memory: int | str | None = None,
+    allocations: int | str | None = None,
+    timeout: float | None = None,
+    shield: bool = False,
+    raise_on_breach: bool = False,
+) -> LimitScope:
+    """Open a scope that is cancelled when its tasks pass a budget.
+
+    :param memory: live bytes the scope's tasks may hold (int, or a string
+        such as ``"50 MiB"``); passing it cancels the scope (``MEMORY``).
+    :param allocations: cumulative bytes the scope's tasks may allocate, a
+        measure of work done; passing it cancels the scope (``ALLOCATIONS``).
+    :param timeout: seconds, like ``anyio.move_on_after`` (``TIMEOUT``).
+    :param shield: protect the body from cancellation by enclosing scopes
+        (its own limits still apply), like ``anyio.CancelScope(shield=True)``.
+    :param raise_on_breach: on exit after a breach, raise the matching
+        :class:`LimitReached` subclass instead of returning normally.
+
+    Usage is charged to this scope and to every enclosing scope, so an inner
+    scope can never extend an outer one.  Tasks started inside the scope
+    (task groups, nurseries, ``asyncio.create_task``) are charged to it: they
+    copy the context that holds its account.
+    """
+    return LimitScope(
+        memory=memory,
+        allocations=allocations,
+        timeout=timeout,
+        shield=shield,
+        raise_on_breach=raise_on_breach,
+    )
