@@ -104,11 +104,12 @@ def ensure_hooks() -> None:
 
 
 class OpenAccount:
-    """A C account, current in this context from construction to :meth:`close`.
+    """A C account, and the switch that makes it current in this context.
 
-    Construction and :meth:`close` must happen in the same context (the
+    :meth:`enter` and :meth:`close` must run in the same context (the
     ContextVar token is reset in :meth:`close`), like entering and exiting a
-    cancel scope in the same task.
+    cancel scope in the same task.  Only what runs between them is charged,
+    so callers enter last and close first.
     """
 
     __slots__ = ("_account", "_token")
@@ -117,13 +118,15 @@ class OpenAccount:
         ensure_hooks()
         parent = _core.current_account.get(None)
         self._account = _core.Account(parent, memory, allocations)
-        self._token: Token[_core.Account | None] | None = (
-            _core.current_account.set(self._account)
-        )
+        self._token: Token[_core.Account | None] | None = None
 
     @property
     def id(self) -> int:
         return self._account.id
+
+    def enter(self) -> None:
+        """Charge this context's allocations to the account from now on."""
+        self._token = _core.enter(self._account)
 
     def usage(self) -> Usage:
         allocated, live, peak_live = self._account.usage()
@@ -139,12 +142,12 @@ class OpenAccount:
         return _byte_breach(_KIND_OF_CODE[code], limit, observed)
 
     def close(self) -> None:
-        """Stop being current here and stop checking limits (idempotent).
+        """Stop charging this context and stop checking limits (idempotent).
 
         Blocks allocated in the scope and still alive keep counting in the
         enclosing accounts until they are freed.
         """
         if self._token is not None:
-            _core.current_account.reset(self._token)
+            _core.leave(self._token)
             self._token = None
         self._account.close()

@@ -25,10 +25,10 @@ and ``_delivery`` (how a breach reaches this task's loop).
 
 from __future__ import annotations
 
-import enum
 import math
 import time
 from types import TracebackType
+from typing import Final
 
 import anyio
 
@@ -40,10 +40,12 @@ from ._units import parse_optional_size
 __all__ = ["LimitScope", "limit_scope"]
 
 
-class _State(enum.Enum):
-    NEW = "new"
-    ACTIVE = "active"
-    EXITED = "exited"
+# Plain module constants, not an Enum: enum member lookups allocate on
+# Python 3.11 (EnumType.__getattr__), and the exit path runs while nothing
+# but the body may be charged to the scope.
+_NEW: Final = "new"
+_ACTIVE: Final = "active"
+_EXITED: Final = "exited"
 
 
 def _parse_timeout(timeout: object) -> float | None:
@@ -105,7 +107,7 @@ class LimitScope:
         self._timeout = _parse_timeout(timeout)
         self._shield = _require_bool(shield, "shield")
         self._raise_on_breach = _require_bool(raise_on_breach, "raise_on_breach")
-        self._state = _State.NEW
+        self._state = _NEW
         self._account: OpenAccount | None = None
         self._cancel_scope: anyio.CancelScope | None = None
         self._loop: LoopHandle | None = None
@@ -120,7 +122,7 @@ class LimitScope:
     # ---- entering and leaving ----
 
     def __enter__(self) -> LimitScope:
-        if self._state is not _State.NEW:
+        if self._state != _NEW:
             raise RuntimeError("a limit_scope can only be entered once")
         loop = current_loop_handle()
         if loop is None and self._cancel_requested:
@@ -158,7 +160,8 @@ class LimitScope:
                 cancel_scope.cancel(self._cancel_reason)
         elif self._timeout is not None:
             self._deadline = self._started_at + self._timeout
-        self._state = _State.ACTIVE
+        self._state = _ACTIVE
+        account.enter()  # last: only the body's allocations are charged
         return self
 
     def __exit__(
@@ -167,14 +170,14 @@ class LimitScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        if self._state is not _State.ACTIVE or self._account is None:
+        if self._state != _ACTIVE or self._account is None:
             raise RuntimeError("this limit_scope is not active")
-        self._state = _State.EXITED
         account = self._account
+        account.close()  # first: only the body's allocations are charged
+        self._state = _EXITED
         unregister(account.id)
         breach = account.breach()
         self._final_usage = account.usage()
-        account.close()
         elapsed = time.monotonic() - self._started_at
         suppressed = False
         if self._cancel_scope is not None:
@@ -213,7 +216,7 @@ class LimitScope:
 
     def _cancel_for_breach(self) -> None:
         """Runs on the scope's own loop thread, between task steps."""
-        if self._state is not _State.ACTIVE or self._cancel_scope is None:
+        if self._state != _ACTIVE or self._cancel_scope is None:
             return
         breach = self._account.breach() if self._account is not None else None
         if breach is None:
@@ -243,14 +246,14 @@ class LimitScope:
         """
         if reason is not None and not isinstance(reason, str):
             raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
-        if self._state is _State.ACTIVE and self._cancel_scope is None:
+        if self._state == _ACTIVE and self._cancel_scope is None:
             raise RuntimeError(
                 "this limit_scope runs outside any event-loop task, where "
                 "nothing can cancel it"
             )
         self._cancel_requested = True
         self._cancel_reason = reason
-        if self._state is _State.ACTIVE and self._cancel_scope is not None:
+        if self._state == _ACTIVE and self._cancel_scope is not None:
             self._cancel_scope.cancel(reason)
 
     @property
@@ -264,7 +267,7 @@ class LimitScope:
     def breach(self) -> Breach | None:
         """What fired, or None.  While the scope is active this is read live
         from the meter (a timeout is only known at exit)."""
-        if self._state is _State.ACTIVE and self._account is not None:
+        if self._state == _ACTIVE and self._account is not None:
             return self._account.breach()
         return self._breach
 
@@ -276,7 +279,7 @@ class LimitScope:
     @property
     def usage(self) -> Usage:
         """Bytes charged so far (while active) or at exit (afterwards)."""
-        if self._state is _State.ACTIVE and self._account is not None:
+        if self._state == _ACTIVE and self._account is not None:
             return self._account.usage()
         return self._final_usage
 
@@ -310,7 +313,7 @@ class LimitScope:
             if value is not None
         ]
         breach = self.breach
-        status = self._state.value if breach is None else f"breached: {breach.reason}"
+        status = self._state if breach is None else f"breached: {breach.reason}"
         return f"<LimitScope {' '.join(limits) or 'unlimited'} ({status})>"
 
 

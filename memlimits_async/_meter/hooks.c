@@ -92,8 +92,12 @@ current_account(void)
 static void
 sample(thread_meter_t *t, void *ptr, size_t size)
 {
-    if (t->mean == 0) {
-        /* First allocation of this thread: start its Poisson process here. */
+    if (METER_UNLIKELY(t->epoch != sampler_epoch)) {
+        /* First allocation of this thread, or R changed since its countdown
+         * was drawn: (re)start its Poisson process at this allocation. */
+        if (t->mean == 0) {
+            sampler_register_thread(t);
+        }
         sampler_redraw(t);
         t->countdown -= (int64_t)size;
         if (t->countdown > 0) {
@@ -239,6 +243,7 @@ static void
 after_fork_child(void)
 {
     accounts_after_fork_child();
+    sampler_after_fork_child();
 }
 
 int

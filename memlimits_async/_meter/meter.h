@@ -94,12 +94,14 @@ void accounts_after_fork_child(void);
 int accounts_init(void);
 
 /* ---- the sampler (sampler.c) ---- */
-typedef struct {
+typedef struct thread_meter {
     int64_t countdown;   /* bytes until the next mark; <= 0 -> slow path */
     int depth;           /* > 0 while inside one of our hooks */
     int64_t mean;        /* interval the current countdown was drawn with; 0 = new thread */
     uint64_t epoch;      /* value of sampler_epoch at the last draw */
     uint64_t rng;        /* xorshift64* state */
+    int registered;      /* linked into the registry of live threads */
+    struct thread_meter *prev, *next;
 } thread_meter_t;
 
 extern METER_TLS thread_meter_t meter_tls;
@@ -112,6 +114,11 @@ void sampler_limit_opened(int64_t limit);
 void sampler_limit_closed(int64_t limit);
 /* Start a fresh countdown for this thread with the current R. */
 void sampler_redraw(thread_meter_t *t);
+/* Called on a thread's first slow path: from now on an interval change
+ * reaches it at once.  -1 if registration failed (sampling still works). */
+int sampler_register_thread(thread_meter_t *t);
+void sampler_after_fork_child(void);
+int sampler_init(void);
 /* Number of marks that fall in the `overshoot` bytes after the first one. */
 int64_t sampler_extra_marks(thread_meter_t *t, int64_t overshoot);
 int64_t sampler_min_adaptive_interval(void);

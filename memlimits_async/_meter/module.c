@@ -71,12 +71,6 @@ Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
-    /* The new limit may have lowered the interval: restart this thread's
-     * countdown with it, so the scope's first bytes are sampled at its rate
-     * (memorylessness makes the restart unbiased). */
-    if (meter_tls.epoch != sampler_epoch) {
-        sampler_redraw(&meter_tls);
-    }
     return (PyObject *)self;
 }
 
@@ -188,7 +182,6 @@ meter_set_sampling_interval(PyObject *module, PyObject *arg)
         return NULL;
     }
     sampler_set_configured((int64_t)interval);
-    sampler_redraw(&meter_tls);
     Py_RETURN_NONE;
 }
 
@@ -204,6 +197,35 @@ meter_stats(PyObject *module, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     return dict;
+}
+
+/* Switching the ContextVar allocates (a new HAMT, a Token): done with the
+ * hooks passing through, so that a scope is never charged for its own
+ * bookkeeping and only its body's allocations count. */
+static PyObject *
+meter_enter(PyObject *module, PyObject *account)
+{
+    if (!Py_IS_TYPE(account, &AccountType)) {
+        PyErr_Format(PyExc_TypeError, "expected an Account, not %.100s",
+                     Py_TYPE(account)->tp_name);
+        return NULL;
+    }
+    meter_tls.depth++;
+    PyObject *token = PyContextVar_Set(current_account_var, account);
+    meter_tls.depth--;
+    return token;
+}
+
+static PyObject *
+meter_leave(PyObject *module, PyObject *token)
+{
+    meter_tls.depth++;
+    int rc = PyContextVar_Reset(current_account_var, token);
+    meter_tls.depth--;
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -252,6 +274,10 @@ static PyMethodDef meter_methods[] = {
     {"set_sampling_interval", meter_set_sampling_interval, METH_O,
      "Set the configured (maximum) mean sampling interval in bytes."},
     {"stats", meter_stats, METH_NOARGS, "Counters of the meter."},
+    {"enter", meter_enter, METH_O,
+     "enter(account) -> Token: make account current in this context."},
+    {"leave", meter_leave, METH_O,
+     "leave(token): undo enter(); the token comes from enter()."},
     {"take_breached", meter_take_breached, METH_NOARGS,
      "Ids of the accounts breached since the last call."},
     {"wait_for_breach", meter_wait_for_breach, METH_O,
@@ -279,6 +305,11 @@ PyInit__core(void)
     }
     PyObject *module = PyModule_Create(&meter_module);
     if (module == NULL) {
+        return NULL;
+    }
+    if (sampler_init() < 0) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "memlimits_async: pthread_key_create failed");
         return NULL;
     }
     if (current_account_var == NULL) {

@@ -17,6 +17,7 @@
  */
 #include "meter.h"
 #include <math.h>
+#include <pthread.h>
 #include <time.h>
 
 #define SAMPLES_PER_LIMIT 1200
@@ -58,6 +59,99 @@ bucket_floor(int bucket)
     return top >= 3 ? mantissa << (top - 3) : mantissa >> (3 - top);
 }
 
+/* Registry of the threads that have sampled, so that a change of R reaches
+ * every thread's countdown at once instead of after its next sample (an
+ * allocation limit of a few KiB, or exact mode, must not wait for a 64 KiB
+ * countdown drawn earlier).  The list is linked through the threads' own TLS
+ * blocks; a thread leaves it from a pthread key destructor, which runs
+ * before its static TLS is released.  The mutex is never taken on the fast
+ * path. */
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static thread_meter_t *registry = NULL;
+static pthread_key_t registry_key;
+static int registry_key_ready = 0;
+
+static void
+unregister_thread(void *arg)
+{
+    thread_meter_t *t = arg;
+    pthread_mutex_lock(&registry_lock);
+    if (t->registered) {
+        if (t->prev != NULL) {
+            t->prev->next = t->next;
+        }
+        else {
+            registry = t->next;
+        }
+        if (t->next != NULL) {
+            t->next->prev = t->prev;
+        }
+        t->registered = 0;
+        t->prev = t->next = NULL;
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
+int
+sampler_init(void)
+{
+    if (!registry_key_ready) {
+        if (pthread_key_create(&registry_key, unregister_thread) != 0) {
+            return -1;
+        }
+        registry_key_ready = 1;
+    }
+    return 0;
+}
+
+int
+sampler_register_thread(thread_meter_t *t)
+{
+    if (t->registered || !registry_key_ready) {
+        return 0;
+    }
+    if (pthread_setspecific(registry_key, t) != 0) {
+        return -1;
+    }
+    pthread_mutex_lock(&registry_lock);
+    t->prev = NULL;
+    t->next = registry;
+    if (registry != NULL) {
+        registry->prev = t;
+    }
+    registry = t;
+    t->registered = 1;
+    pthread_mutex_unlock(&registry_lock);
+    return 0;
+}
+
+void
+sampler_after_fork_child(void)
+{
+    /* Only the forking thread exists in the child. */
+    pthread_mutex_init(&registry_lock, NULL);
+    registry = NULL;
+    thread_meter_t *self = &meter_tls;
+    if (self->registered) {
+        self->registered = 0;
+        sampler_register_thread(self);
+    }
+}
+
+/* Send every thread to its slow path at its next allocation, where the
+ * stale epoch makes it restart its countdown with the new R.  Writing
+ * another thread's countdown is safe: we hold the GIL, and a thread only
+ * touches its countdown inside a hook, i.e. with the GIL. */
+static void
+expire_all_countdowns(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (thread_meter_t *t = registry; t != NULL; t = t->next) {
+        t->countdown = 0;
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
 static void
 recompute_interval(void)
 {
@@ -74,6 +168,7 @@ recompute_interval(void)
     if (r != sampler_interval) {
         sampler_interval = r;
         sampler_epoch++;
+        expire_all_countdowns();
     }
 }
 

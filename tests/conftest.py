@@ -1,0 +1,43 @@
+"""Shared fixtures.
+
+``anyio_backend`` runs every ``@pytest.mark.anyio`` test on asyncio and on
+trio (anyio's pytest plugin); native asyncio tests use pytest-asyncio and
+native trio tests call ``trio.run`` themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import memlimits_async as ml
+
+DEFAULT_INTERVAL = "64 KiB"
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def exact_accounting() -> Iterator[None]:
+    """Charge every allocation with its exact size (sampling interval 1)."""
+    ml.configure(sampling_interval=1)
+    try:
+        yield
+    finally:
+        ml.configure(sampling_interval=DEFAULT_INTERVAL)
+
+
+@pytest.fixture(autouse=True)
+def _no_scope_leaks_between_tests() -> Iterator[None]:
+    """Every test must leave the sampling interval and the context as found."""
+    from memlimits_async._meter import _core
+
+    assert _core.current_account.get(None) is None
+    yield
+    assert _core.current_account.get(None) is None
+    stats = ml.stats()
+    assert stats.configured_sampling_interval == ml.parse_size(DEFAULT_INTERVAL, name="x")
