@@ -263,8 +263,8 @@ async def test_tightest_limit_owner_reports_and_outer_goes_on() -> None:
     assert not outer.breached
     assert len(held) == after_inner + 1
     # The ~2 MiB allocated in the inner scope are still held: they keep
-    # counting in the outer scope (an estimate: 1 MiB is > 20 sd away).
-    assert held_bytes(held) > 2 * MIB
+    # counting in the outer scope (estimates: 1 MiB is > 15 sd away).
+    assert held_bytes(held) > 1.5 * MIB
     assert outer.usage.live > 1 * MIB
 
 

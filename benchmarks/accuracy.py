@@ -1,0 +1,590 @@
+"""How accurately a sampled ``limit_scope(memory=...)`` stops a task, measured.
+
+Run ``python benchmarks/accuracy.py`` (``--quick`` for a smoke run).  The
+probabilities in docs/accuracy.md are computed from a model (marks form a
+Poisson process over the allocated bytes); this script checks that model
+against real scopes, real allocator hooks and a real event loop, with no
+simulation anywhere:
+
+(a) **Build-up.**  A task appends 1 KiB ``bytes`` objects to a list under
+    ``memory="10 MiB"`` (a checkpoint every 8 appends) until the scope
+    cancels it.  What it truly held at that moment (items plus the list's own
+    storage, from ``sys.getsizeof``) is recorded.  The target: never stopped
+    before it holds 8 MiB, always stopped before it holds 12 MiB.
+
+(b) **Churn.**  A task builds an 8 MiB structure under ``memory="10 MiB"``
+    and keeps it while it allocates and frees about 1 GiB more: each step
+    decodes a small JSON document (dicts, lists, str, int, float: realistic
+    small objects) and allocates one transient buffer, both dropped at the
+    end of the step.  The task never truly holds more than 8 MiB plus one
+    step's worth, so every stop is a *false stop*.  Variants differ only in
+    the buffer size (16-64 KiB, 256 KiB, 1 MiB), because for a live-bytes
+    limit the risk grows with how many bytes are transiently live (each step
+    re-draws their sample count; see docs/accuracy.md, "Live limits under
+    churn").
+
+Why it is built this way:
+
+* Trials run in 2 worker processes (both cores), started with *spawn*: the
+  meter never uninstalls its hooks, and a forked child inherits its parent's
+  sampler random state, which would make the workers' trials identical
+  instead of independent.
+* "True" bytes of the churn step are calibrated in each worker with the
+  meter's exact mode (``configure(sampling_interval=1)``: every allocation
+  charged with its exact size), so they mean exactly what the sampled
+  estimate estimates: bytes requested from CPython's MEM and OBJ allocators.
+* A pilot round times one trial of each kind first; when the requested trial
+  counts would not fit in ``--budget-minutes`` they are cut down, and the
+  report says so.
+* With scipy installed, each row also shows what the model predicts, so a
+  disagreement between model and meter is visible at a glance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from random import Random
+from typing import TypeVar
+
+import anyio
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    # Running from a checkout: import the package next to this script.  With
+    # spawn, workers receive the parent's sys.path, so this covers them too.
+    sys.path.insert(0, str(REPO_ROOT))
+
+from memlimits_async import configure, limit_scope, stats  # noqa: E402
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+LIMIT = 10 * MiB
+"""The limit of the issue's target."""
+LOW, HIGH = 8 * MiB, 12 * MiB
+"""The target band: stopped before 12 MiB truly held, and not before 8 MiB."""
+HOLD = 8 * MiB
+"""What the churn task keeps for its whole life."""
+ITEM_PAYLOAD = 1 * KiB
+"""Payload of each appended ``bytes`` object (1057 bytes with its header)."""
+CHECKPOINT_EVERY = 8
+"""Steps between two ``await anyio.sleep(0)``: where a cancellation lands."""
+BUILDUP_GIVE_UP = 4 * LIMIT
+"""A build-up still running here was never stopped: record it and move on."""
+_T = TypeVar("_T")
+
+BYTES_HEADER = sys.getsizeof(b"")
+"""Bytes of a ``bytes`` object beyond its payload (33 on 64-bit CPython)."""
+
+_DOC = json.dumps(
+    {
+        "id": 12345,
+        "user": {"name": "Ada Lovelace", "email": "ada@example.org", "score": 0.97},
+        "tags": ["async", "memory", "limits", "sampling", "poisson"],
+        "items": [
+            {"sku": f"SKU-{i:05d}", "qty": i % 7, "price": i * 1.25, "ok": i % 2 == 0}
+            for i in range(24)
+        ],
+        "note": "x" * 300,
+    }
+)
+"""A request-sized document: decoding it creates ~150 small objects."""
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One churn workload: the transient buffer sizes its steps cycle through."""
+
+    name: str
+    buffer_sizes: tuple[int, ...]
+
+
+def _mixed_buffer_sizes() -> tuple[int, ...]:
+    """16-64 KiB, fixed seed: every trial and worker churns the same sizes."""
+    rng = Random(20240601)
+    return tuple(rng.randrange(16 * KiB, 64 * KiB + 1) for _ in range(997))
+
+
+VARIANTS = (
+    Variant("small objects + 16-64 KiB buffers", _mixed_buffer_sizes()),
+    Variant("small objects + 256 KiB buffers", (256 * KiB,)),
+    Variant("small objects + 1 MiB buffers", (1 * MiB,)),
+)
+
+
+# ---------------------------------------------------------------------------
+# Workloads (run in the worker processes).
+
+
+def _churn_step(buffer_size: int) -> int:
+    """Allocate one step's transient objects; all of them die on return.
+
+    The buffer is a local, so it is freed before the next step allocates its
+    own: rebinding one variable (``buf = bytes(n)`` in a loop) would keep two
+    buffers alive at once and double the transient peak.
+    """
+    doc = json.loads(_DOC)
+    buffer = bytes(buffer_size)
+    return len(doc) + len(buffer)
+
+
+def _bytes_object_size(payload: int) -> int:
+    """Bytes CPython requests for ``bytes(payload)`` (0: the shared empty one)."""
+    return BYTES_HEADER + payload if payload else 0
+
+
+def _held_size(held: list[bytes]) -> int:
+    """True bytes of the held structure: its items plus the list's storage."""
+    return sum(map(sys.getsizeof, held)) + sys.getsizeof(held)
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """Exact-mode measurements of one churn step, made once per worker."""
+
+    step_bytes: int
+    """Bytes one step allocates besides its buffer (JSON objects, overhead)."""
+    step_peak: int
+    """Most bytes one step holds at once besides its buffer."""
+
+
+_calibration: Calibration | None = None
+
+
+def _calibrate() -> Calibration:
+    """Measure the churn step exactly (sampling interval 1), then restore."""
+    global _calibration
+    if _calibration is not None:
+        return _calibration
+    configured = stats().configured_sampling_interval
+    steps = 200
+    configure(sampling_interval=1)
+    try:
+        _churn_step(0)  # warm up: lazily created caches are not per-step work
+        with limit_scope() as total:
+            for _ in range(steps):
+                _churn_step(0)
+        with limit_scope() as one:
+            _churn_step(0)
+    finally:
+        configure(sampling_interval=configured)
+    _calibration = Calibration(
+        step_bytes=round(total.usage.allocated / steps),
+        step_peak=one.usage.peak_live,
+    )
+    return _calibration
+
+
+@dataclass(frozen=True, slots=True)
+class BuildupResult:
+    stopped: bool
+    true_held: int
+    """Bytes the task truly held when it was stopped (or gave up)."""
+    observed: int
+    """The estimate that breached the limit (0 if never stopped)."""
+    interval: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ChurnResult:
+    stopped: bool
+    stopped_while_building: bool
+    true_held: int
+    """True bytes of the held structure (at the stop, or at the end)."""
+    churned: int
+    """True bytes allocated and freed by the churn steps."""
+    estimated_allocated: int
+    """What the meter estimated the scope allocated in total (cross-check)."""
+    observed: int
+    interval: int
+    seconds: float
+
+
+async def _buildup_trial() -> BuildupResult:
+    held: list[bytes] = []
+    start = time.perf_counter()
+    interval = 0
+    with limit_scope(memory=LIMIT) as scope:
+        interval = stats().sampling_interval
+        while len(held) * (BYTES_HEADER + ITEM_PAYLOAD) < BUILDUP_GIVE_UP:
+            for _ in range(CHECKPOINT_EVERY):
+                held.append(bytes(ITEM_PAYLOAD))
+            await anyio.sleep(0)
+    breach = scope.breach
+    observed = breach.observed if breach is not None else 0
+    return BuildupResult(
+        stopped=scope.breached,
+        true_held=_held_size(held),
+        observed=int(observed or 0),
+        interval=interval,
+        seconds=time.perf_counter() - start,
+    )
+
+
+async def _churn_trial(variant: Variant, volume: int) -> ChurnResult:
+    calibration = _calibrate()
+    sizes = variant.buffer_sizes
+    held: list[bytes] = []
+    churned = 0
+    step = 0
+    building = True
+    interval = 0
+    start = time.perf_counter()
+    with limit_scope(memory=LIMIT) as scope:
+        interval = stats().sampling_interval
+        item = BYTES_HEADER + ITEM_PAYLOAD
+        while len(held) * item + sys.getsizeof(held) < HOLD:
+            for _ in range(CHECKPOINT_EVERY):
+                held.append(bytes(ITEM_PAYLOAD))
+            await anyio.sleep(0)
+        building = False
+        while churned < volume:
+            for _ in range(CHECKPOINT_EVERY):
+                size = sizes[step % len(sizes)]
+                step += 1
+                _churn_step(size)
+                churned += calibration.step_bytes + _bytes_object_size(size)
+            await anyio.sleep(0)
+    breach = scope.breach
+    observed = breach.observed if breach is not None else 0
+    return ChurnResult(
+        stopped=scope.breached,
+        stopped_while_building=scope.breached and building,
+        true_held=_held_size(held),
+        churned=churned,
+        estimated_allocated=scope.usage.allocated,
+        observed=int(observed or 0),
+        interval=interval,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def run_buildup_chunk(trials: int, backend: str) -> list[BuildupResult]:
+    """Worker entry point: ``trials`` build-up trials in one event loop."""
+
+    async def main() -> list[BuildupResult]:
+        return [await _buildup_trial() for _ in range(trials)]
+
+    return anyio.run(main, backend=backend)
+
+
+def run_churn_chunk(
+    variant: Variant, volume: int, trials: int, backend: str
+) -> tuple[Calibration, list[ChurnResult]]:
+    """Worker entry point: ``trials`` churn trials in one event loop."""
+
+    async def main() -> list[ChurnResult]:
+        return [await _churn_trial(variant, volume) for _ in range(trials)]
+
+    results = anyio.run(main, backend=backend)
+    return _calibrate(), results
+
+
+# ---------------------------------------------------------------------------
+# The model (docs/accuracy.md), for the "predicted" columns.
+
+
+def _marks_needed(interval: int) -> int:
+    """Marks whose estimate exceeds LIMIT: breach iff marks * R > LIMIT."""
+    return LIMIT // interval + 1
+
+
+def predicted_buildup_outside(interval: int) -> float | None:
+    """P(stopped before LOW) + P(not stopped by HIGH), exact Poisson tails."""
+    try:
+        from scipy.stats import poisson
+    except ImportError:
+        return None
+    n = _marks_needed(interval)
+    early = float(poisson.sf(n - 1, LOW / interval))
+    late = float(poisson.cdf(n - 1, HIGH / interval))
+    return early + late
+
+
+def predicted_false_stop(
+    interval: int, held: int, transients: Sequence[int], steps: float
+) -> float | None:
+    """P(some step's transient marks lift the estimate over the limit).
+
+    The held structure's mark count H ~ Poisson(held/R) is drawn once.  Each
+    step then holds ``t`` transient bytes at its peak (``transients`` is one
+    cycle of the per-step peaks, repeated for ``steps`` steps) and draws its
+    own Poisson(t/R) marks on them, independently of every other step.  So
+    P = E_H[1 - prod_steps P(Poisson(t/R) < n - H)].  This treats every step
+    as "allocate t bytes, then free them all", which is what a step does.
+    """
+    try:
+        import numpy as np
+        from scipy.stats import poisson
+    except ImportError:
+        return None
+    n = _marks_needed(interval)
+    h = np.arange(0, n + 1)
+    weights = poisson.pmf(h, held / interval)
+    repeats = steps / len(transients)
+    log_survive = np.zeros(len(h))
+    for t, count in Counter(transients).items():
+        per_step = poisson.sf(n - h - 1, t / interval)  # P(marks >= n - H)
+        log_survive += count * repeats * np.log1p(-np.minimum(per_step, 1 - 1e-16))
+    breached = float(np.sum(weights * -np.expm1(log_survive)))
+    return breached + float(poisson.sf(n, held / interval))  # H > n: held alone
+
+
+# ---------------------------------------------------------------------------
+# Orchestration and report (parent process).
+
+
+def _chunks(total: int, workers: int) -> list[int]:
+    """Split ``total`` trials into ~4 chunks per worker, for load balance."""
+    if total <= 0:
+        return []
+    pieces = min(total, max(1, workers * 4))
+    base, extra = divmod(total, pieces)
+    return [base + (1 if i < extra else 0) for i in range(pieces)]
+
+
+def _mib(n: float) -> str:
+    return f"{n / MiB:.3f}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table, so that it can be pasted into docs/accuracy.md."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+        for r in rows
+    ]
+    return "\n".join([line + " |", sep, *body])
+
+
+def _expected(probability: float | None, trials: int) -> str:
+    if probability is None:
+        return "n/a (no scipy)"
+    return f"{probability:.2g} ({probability * trials:.2g} expected)"
+
+
+def _gather(futures: list[Future[_T]], label: str) -> list[_T]:
+    done: list[_T] = []
+    for i, future in enumerate(futures, 1):
+        done.append(future.result())
+        print(f"  {label}: chunk {i}/{len(futures)} done", file=sys.stderr, flush=True)
+    return done
+
+
+def _report_buildup(results: list[BuildupResult], wall: float) -> str:
+    held = [r.true_held for r in results if r.stopped]
+    never = sum(not r.stopped for r in results)
+    outside = sum(not (LOW <= r.true_held < HIGH) for r in results)
+    interval = results[0].interval
+    n = _marks_needed(interval)
+    # Stopped at the n-th mark: the stop point is Erlang(n, R) (no frees).
+    mean, sd = n * interval, math.sqrt(n) * interval
+    rows = [
+        [
+            str(len(results)),
+            str(interval),
+            _mib(min(held)) if held else "-",
+            _mib(statistics.median(held)) if held else "-",
+            _mib(max(held)) if held else "-",
+            f"{_mib(statistics.fmean(held))} / {_mib(statistics.stdev(held))}"
+            if len(held) > 1
+            else "-",
+            f"{_mib(mean)} / {_mib(sd)}",
+            f"{outside} (never stopped: {never})",
+            _expected(predicted_buildup_outside(interval), len(results)),
+            f"{wall:.1f}",
+        ]
+    ]
+    headers = [
+        "runs",
+        "R (B)",
+        "min MiB",
+        "median MiB",
+        "max MiB",
+        "mean / sd MiB",
+        "model mean / sd",
+        "outside [8, 12) MiB",
+        "model P(outside)",
+        "wall s",
+    ]
+    return _table(headers, rows)
+
+
+def _report_churn(
+    rows_in: list[tuple[Variant, Calibration, list[ChurnResult]]],
+    walls: dict[str, float],
+) -> str:
+    rows: list[list[str]] = []
+    for variant, calibration, results in rows_in:
+        transients = [
+            calibration.step_peak + _bytes_object_size(b) for b in variant.buffer_sizes
+        ]
+        transient = max(transients)
+        mean_buffer = statistics.fmean(map(_bytes_object_size, variant.buffer_sizes))
+        step_bytes = calibration.step_bytes + mean_buffer
+        stops = [r for r in results if r.stopped]
+        churned = statistics.fmean(r.churned for r in results)
+        held = statistics.fmean(r.true_held for r in results)
+        estimated = statistics.fmean(r.estimated_allocated for r in results)
+        interval = results[0].interval
+        prediction = predicted_false_stop(
+            interval, int(held), transients, churned / step_bytes
+        )
+        stop_detail = (
+            f"{len(stops)} ({sum(r.stopped_while_building for r in stops)} in build)"
+        )
+        rows.append(
+            [
+                variant.name,
+                f"{min(transients) / KiB:.0f}-{transient / KiB:.0f} KiB"
+                if min(transients) != transient
+                else f"{transient / KiB:.0f} KiB",
+                f"{_mib(held)} + {transient / MiB:.2f}",
+                f"{churned / GiB:.3f} / {estimated / GiB:.3f}",
+                str(len(results)),
+                stop_detail,
+                _expected(prediction, len(results)),
+                f"{statistics.fmean(r.seconds for r in results):.3f}",
+                f"{walls[variant.name]:.0f}",
+            ]
+        )
+    headers = [
+        "churn variant",
+        "transient peak",
+        "true peak MiB (held + transient)",
+        "churned GiB true / estimated",
+        "trials",
+        "false stops",
+        "model P(false stop)",
+        "s / trial",
+        "wall s",
+    ]
+    return _table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--trials", type=int, default=1000, help="churn trials per variant (1000)"
+    )
+    parser.add_argument(
+        "--buildup-trials", type=int, default=1000, help="build-up trials (1000)"
+    )
+    parser.add_argument(
+        "--volume-mib",
+        type=int,
+        default=1024,
+        help="bytes churned per trial, MiB (1024 = 1 GiB)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="processes (2)")
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=20.0,
+        help="cut churn trials down to fit this wall time (20)",
+    )
+    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 100 build-ups, 40 churn trials of 128 MiB per variant",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.trials, args.buildup_trials, args.volume_mib = 40, 100, 128
+    volume = args.volume_mib * MiB
+    workers = max(1, args.workers)
+
+    command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
+    print(f"command: {command}")
+    print(f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    print(
+        f"python: {platform.python_version()} ({platform.machine()}), "
+        f"backend {args.backend}, {workers} worker processes, "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(f"limit: memory={LIMIT // MiB} MiB; churn holds {HOLD // MiB} MiB\n")
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        # Pilot: one trial of each kind, to time them before committing.
+        pilot_buildup = pool.submit(run_buildup_chunk, 1, args.backend)
+        pilot_churn = {
+            v.name: pool.submit(run_churn_chunk, v, volume, 1, args.backend)
+            for v in VARIANTS
+        }
+        pilot_b = pilot_buildup.result()
+        pilot_c = {name: f.result() for name, f in pilot_churn.items()}
+        per_trial = {name: res[1][0].seconds for name, res in pilot_c.items()}
+        estimate = sum(per_trial.values()) * args.trials / workers
+        print(
+            "pilot: one churn trial takes "
+            + ", ".join(f"{s:.2f} s ({n})" for n, s in per_trial.items())
+            + f"; {args.trials} trials per variant need about "
+            f"{estimate / 60:.1f} min on {workers} workers"
+        )
+        trials = args.trials
+        if estimate > args.budget_minutes * 60:
+            trials = max(1, int(args.trials * args.budget_minutes * 60 / estimate))
+            print(
+                f"NOTE: over the {args.budget_minutes:g} min budget: running "
+                f"{trials} churn trials per variant instead of {args.trials}"
+            )
+        print(file=sys.stderr)
+
+        start = time.perf_counter()
+        buildup_futures = [
+            pool.submit(run_buildup_chunk, n, args.backend)
+            for n in _chunks(args.buildup_trials - 1, workers)
+        ]
+        buildup = pilot_b + [
+            r for chunk in _gather(buildup_futures, "build-up") for r in chunk
+        ]
+        buildup_wall = time.perf_counter() - start
+
+        churn_rows: list[tuple[Variant, Calibration, list[ChurnResult]]] = []
+        walls: dict[str, float] = {}
+        for variant in VARIANTS:
+            start = time.perf_counter()
+            futures = [
+                pool.submit(run_churn_chunk, variant, volume, n, args.backend)
+                for n in _chunks(trials - 1, workers)
+            ]
+            calibration, first = pilot_c[variant.name]
+            results = list(first)
+            for _, chunk in _gather(futures, variant.name):
+                results.extend(chunk)
+            walls[variant.name] = time.perf_counter() - start + per_trial[variant.name]
+            churn_rows.append((variant, calibration, results))
+
+    print("\n(a) steady build-up under memory=10 MiB: true bytes held at the stop\n")
+    print(_report_buildup(buildup, buildup_wall))
+    print(
+        f"\n(b) holding {HOLD // MiB} MiB while churning "
+        f"{volume / GiB:g} GiB under memory=10 MiB: false stops\n"
+    )
+    print(_report_churn(churn_rows, walls))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
