@@ -7,9 +7,14 @@ import os
 
 from setuptools import Extension, setup
 
-compile_args = ["-Wall", "-Wextra", "-Wno-unused-parameter",
-                "-Wno-missing-field-initializers",
-                "-ftls-model=initial-exec", "-std=gnu11"]
+compile_args = [
+    "-Wall",
+    "-Wextra",
+    "-Wno-unused-parameter",
+    "-Wno-missing-field-initializers",
+    "-ftls-model=initial-exec",
+    "-std=gnu11",
+]
 if os.environ.get("MEMLIMITS_WERROR") == "1":
     compile_args.append("-Werror")
 

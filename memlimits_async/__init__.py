@@ -12,7 +12,6 @@ from ._exceptions import (
     LimitReached,
     MemoryLimitReached,
     TimeLimitReached,
-    TokenCancelled,
 )
 from ._scope import LimitScope, limit_scope
 from ._units import format_size, parse_size
@@ -26,7 +25,6 @@ __all__ = [
     "MemoryLimitReached",
     "MeterStats",
     "TimeLimitReached",
-    "TokenCancelled",
     "Usage",
     "configure",
     "format_size",

@@ -31,10 +31,6 @@ class BreachKind(enum.Enum):
     """Live bytes held by the scope's tasks passed ``memory``."""
     ALLOCATIONS = "allocations"
     """Cumulative bytes allocated by the scope's tasks passed ``allocations``."""
-    GLOBAL_MEMORY = "global_memory"
-    """The process-wide memory limit was passed while this scope allocated."""
-    TOKEN = "token"
-    """A cancel token watched by the scope was cancelled."""
     TIMEOUT = "timeout"
     """The scope's ``timeout`` expired."""
 
@@ -57,7 +53,7 @@ class Breach:
 
     kind: BreachKind
     limit: int | float | None
-    """Bytes for MEMORY/ALLOCATIONS/GLOBAL_MEMORY, seconds for TIMEOUT."""
+    """Bytes for MEMORY and ALLOCATIONS, seconds for TIMEOUT."""
     observed: int | float | None
     """The estimate (bytes) or elapsed time (seconds) when it fired."""
     reason: str

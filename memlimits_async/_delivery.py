@@ -23,6 +23,7 @@ visible on the account itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import threading
@@ -60,10 +61,8 @@ class _AsyncioLoopHandle:
         self._loop = loop
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # closed loop: its tasks are gone
             self._loop.call_soon_threadsafe(callback)
-        except RuntimeError:  # the loop is closed: its tasks are gone
-            pass
 
 
 class _TrioLoopHandle:
@@ -75,11 +74,9 @@ class _TrioLoopHandle:
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
         import trio
 
-        try:
-            # TrioToken.run_sync_soon is documented as signal-safe (RLock).
+        # TrioToken.run_sync_soon is documented as signal-safe (RLock).
+        with contextlib.suppress(trio.RunFinishedError):  # the run is over
             self._token.run_sync_soon(callback)  # type: ignore[attr-defined]
-        except trio.RunFinishedError:
-            pass
 
 
 def current_loop_handle() -> LoopHandle | None:

@@ -9,7 +9,6 @@ __all__ = [
     "LimitReached",
     "MemoryLimitReached",
     "TimeLimitReached",
-    "TokenCancelled",
     "exception_for",
 ]
 
@@ -28,15 +27,11 @@ class LimitReached(Exception):
 
 
 class MemoryLimitReached(LimitReached, MemoryError):
-    """``memory`` (or the global memory limit) was passed."""
+    """``memory`` was passed."""
 
 
 class AllocationLimitReached(LimitReached):
     """``allocations`` was passed."""
-
-
-class TokenCancelled(LimitReached):
-    """A cancel token watched by the scope was cancelled."""
 
 
 class TimeLimitReached(LimitReached, TimeoutError):
@@ -45,9 +40,7 @@ class TimeLimitReached(LimitReached, TimeoutError):
 
 _EXCEPTION_OF_KIND: dict[BreachKind, type[LimitReached]] = {
     BreachKind.MEMORY: MemoryLimitReached,
-    BreachKind.GLOBAL_MEMORY: MemoryLimitReached,
     BreachKind.ALLOCATIONS: AllocationLimitReached,
-    BreachKind.TOKEN: TokenCancelled,
     BreachKind.TIMEOUT: TimeLimitReached,
 }
 

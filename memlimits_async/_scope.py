@@ -53,8 +53,7 @@ def _parse_timeout(timeout: object) -> float | None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(
-            f"timeout must be a number of seconds or None, "
-            f"not {type(timeout).__name__}"
+            f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
         )
     if math.isnan(timeout) or timeout < 0:
         raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
@@ -153,7 +152,7 @@ class LimitScope:
         self._account = account
         self._cancel_scope = cancel_scope
         self._loop = loop
-        self._started_at = time.monotonic()
+        self._started_at = self._now()
         if cancel_scope is not None:
             self._deadline = cancel_scope.deadline
             if self._cancel_requested:
@@ -178,7 +177,7 @@ class LimitScope:
         unregister(account.id)
         breach = account.breach()
         self._final_usage = account.usage()
-        elapsed = time.monotonic() - self._started_at
+        elapsed = self._now() - self._started_at
         suppressed = False
         if self._cancel_scope is not None:
             suppressed = bool(self._cancel_scope.__exit__(exc_type, exc, tb))
@@ -188,7 +187,7 @@ class LimitScope:
                 or (breach is None and not self._cancel_requested)
             )
         else:
-            timed_out = breach is None and time.monotonic() >= self._deadline
+            timed_out = breach is None and self._now() >= self._deadline
         if timed_out:
             breach = self._timeout_breach(elapsed)
         self._breach = breach
@@ -206,6 +205,10 @@ class LimitScope:
         tb: TracebackType | None,
     ) -> bool:
         return self.__exit__(exc_type, exc, tb)
+
+    def _now(self) -> float:
+        """The clock of the scope's deadline: the loop's, or monotonic."""
+        return anyio.current_time() if self._loop is not None else time.monotonic()
 
     # ---- delivery ----
 
@@ -245,7 +248,9 @@ class LimitScope:
         outside any event-loop task cannot be cancelled (``RuntimeError``).
         """
         if reason is not None and not isinstance(reason, str):
-            raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
+            raise TypeError(
+                f"reason must be a str or None, not {type(reason).__name__}"
+            )
         if self._state == _ACTIVE and self._cancel_scope is None:
             raise RuntimeError(
                 "this limit_scope runs outside any event-loop task, where "

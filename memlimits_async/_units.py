@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["format_size", "parse_size", "parse_optional_size"]
+__all__ = ["format_size", "parse_optional_size", "parse_size"]
 
 _UNITS = {
     "": 1,

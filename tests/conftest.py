@@ -40,4 +40,6 @@ def _no_scope_leaks_between_tests() -> Iterator[None]:
     yield
     assert _core.current_account.get(None) is None
     stats = ml.stats()
-    assert stats.configured_sampling_interval == ml.parse_size(DEFAULT_INTERVAL, name="x")
+    assert stats.configured_sampling_interval == ml.parse_size(
+        DEFAULT_INTERVAL, name="x"
+    )

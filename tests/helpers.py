@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import anyio
+
+import memlimits_async as ml
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -31,3 +36,20 @@ async def churn(total: int, chunk: int = 4 * KIB, per_checkpoint: int = 16) -> N
             allocated += len(block)
             del block
         await anyio.sleep(0)
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a fresh interpreter that imports this very memlimits_async.
+
+    ``-P`` keeps the working directory (a source checkout, maybe without the
+    built extension) off ``sys.path``; PYTHONPATH points at the package the
+    tests imported, installed or built in place.
+    """
+    package_parent = str(Path(ml.__file__).resolve().parent.parent)
+    return subprocess.run(
+        [sys.executable, "-P", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": package_parent},
+    )

@@ -40,7 +40,7 @@ def test_limit_scope_rejects_bad_arguments(
 
 def test_limit_scope_takes_keywords_only() -> None:
     with pytest.raises(TypeError):
-        ml.limit_scope("50 MiB")  # type: ignore[misc]
+        ml.limit_scope("50 MiB")  # type: ignore[call-arg]
 
 
 def test_unknown_argument_is_a_type_error() -> None:
@@ -50,8 +50,14 @@ def test_unknown_argument_is_a_type_error() -> None:
 
 @pytest.mark.parametrize(
     ("value", "error"),
-    [(0, ValueError), (-1, ValueError), ("0 B", ValueError), ("x", ValueError),
-     (1.5j, TypeError), (False, TypeError)],
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        ("0 B", ValueError),
+        ("x", ValueError),
+        (1.5j, TypeError),
+        (False, TypeError),
+    ],
 )
 def test_configure_rejects_bad_sampling_interval(
     value: object, error: type[Exception]

@@ -51,10 +51,9 @@ def test_freed_blocks_are_credited_back(exact_accounting: None) -> None:
 
 def test_nested_scopes_charge_every_ancestor(exact_accounting: None) -> None:
     def run() -> None:
-        with ml.limit_scope() as outer:
-            with ml.limit_scope() as middle:
-                with ml.limit_scope() as inner:
-                    block = bytes(50_000)
+        with ml.limit_scope() as outer, ml.limit_scope() as middle:
+            with ml.limit_scope() as inner:
+                block = bytes(50_000)
         size = sys.getsizeof(block)
         assert inner.usage.allocated == size
         assert middle.usage.allocated >= size

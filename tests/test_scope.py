@@ -9,7 +9,6 @@ import pytest
 import trio
 
 import memlimits_async as ml
-
 from helpers import KIB, MIB, churn, held_bytes, leak_until_cancelled
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -328,10 +327,9 @@ def test_trio_nursery_children_are_charged_and_cancelled() -> None:
 @pytest.mark.asyncio
 async def test_asyncio_task_group_children_are_charged_and_cancelled() -> None:
     held: list[bytes] = []
-    async with ml.limit_scope(memory="2 MiB") as scope:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(leak_until_cancelled(held))
-            tg.create_task(asyncio.sleep(10))
+    async with ml.limit_scope(memory="2 MiB") as scope, asyncio.TaskGroup() as tg:
+        tg.create_task(leak_until_cancelled(held))
+        tg.create_task(asyncio.sleep(10))
     assert scope.breached
 
 

@@ -18,7 +18,6 @@ import anyio
 import pytest
 
 import memlimits_async as ml
-
 from helpers import KIB, MIB, held_bytes
 
 pytestmark = pytest.mark.statistical

@@ -8,7 +8,6 @@ import time
 import pytest
 
 import memlimits_async as ml
-
 from helpers import KIB, MIB
 
 

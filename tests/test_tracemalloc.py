@@ -6,15 +6,11 @@ process and never removed, so the order of installation is per process.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
+from textwrap import dedent
 
 import pytest
 
-import memlimits_async as ml
+from helpers import run_python
 
 PRELUDE = """
 import sys, tracemalloc, warnings
@@ -30,16 +26,7 @@ def measured(size):
 
 
 def run(body: str) -> str:
-    """Run ``body`` in a fresh interpreter that imports this very package."""
-    code = PRELUDE + textwrap.dedent(body)
-    package_parent = str(Path(ml.__file__).resolve().parent.parent)
-    result = subprocess.run(
-        [sys.executable, "-P", "-W", "error::RuntimeWarning", "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": package_parent},
-    )
+    result = run_python("-W", "error::RuntimeWarning", "-c", PRELUDE + dedent(body))
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -61,7 +48,9 @@ def test_tracemalloc_started_and_stopped_after_the_meter() -> None:
     assert out.strip() == "ok"
 
 
-def test_tracemalloc_started_before_the_meter_and_stopped_while_a_scope_is_open() -> None:
+def test_tracemalloc_started_before_the_meter_and_stopped_while_a_scope_is_open() -> (
+    None
+):
     out = run(
         """
         tracemalloc.start(1)
@@ -118,7 +107,8 @@ def test_blocks_from_mem_and_obj_domains_are_counted(domain_code: str) -> None:
         f"""
         with ml.limit_scope() as scope:
             block = {domain_code}
-        assert scope.usage.live >= sys.getsizeof(block) - 64, (scope.usage, sys.getsizeof(block))
+        expected = sys.getsizeof(block)
+        assert scope.usage.live >= expected - 64, (scope.usage, expected)
         print("ok")
         """
     )

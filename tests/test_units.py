@@ -53,8 +53,15 @@ def test_parse_size_rejects_bad_types(value: object) -> None:
 
 @pytest.mark.parametrize(
     ("size", "text"),
-    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (10 * 1024**2, "10 MiB"),
-     (3 * 1024**3, "3 GiB"), (5 * 1024**4, "5 TiB"), (-2048, "-2 KiB")],
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1536, "1.5 KiB"),
+        (10 * 1024**2, "10 MiB"),
+        (3 * 1024**3, "3 GiB"),
+        (5 * 1024**4, "5 TiB"),
+        (-2048, "-2 KiB"),
+    ],
 )
 def test_format_size(size: int, text: str) -> None:
     assert format_size(size) == text
