@@ -1,0 +1,79 @@
+"""Process-level situations, each in a fresh interpreter: CPython's debug
+allocator hooks, and fork."""
+
+from __future__ import annotations
+
+import os
+from textwrap import dedent
+
+import pytest
+
+from helpers import run_python
+
+LEAK_UNTIL_STOPPED = """
+import anyio, sys
+import memlimits_async as ml
+
+async def leak():
+    held = []
+    async with ml.limit_scope(memory="2 MiB") as scope:
+        while True:
+            held.append(bytes(1024))
+            await anyio.sleep(0)
+    return scope
+
+for backend in ("asyncio", "trio"):
+    scope = anyio.run(leak, backend=backend)
+    assert scope.breach is not None and scope.breach.kind.name == "MEMORY"
+
+ml.configure(sampling_interval=1)
+with ml.limit_scope() as scope:
+    block = bytes(10_000)
+assert scope.usage.live == sys.getsizeof(block), scope.usage
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("mode", ["PYTHONMALLOC=debug", "-X dev"])
+def test_composes_with_cpython_debug_allocator_hooks(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["-c", LEAK_UNTIL_STOPPED]
+    if mode == "-X dev":
+        args = ["-X", "dev", *args]
+    else:
+        monkeypatch.setenv("PYTHONMALLOC", "debug")
+    result = run_python(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_child_of_fork_meters_and_delivers() -> None:
+    code = dedent(
+        """
+        import os, sys, anyio
+        import memlimits_async as ml
+
+        async def leak():
+            held = []
+            async with ml.limit_scope(memory="2 MiB") as scope:
+                while True:
+                    held.append(bytes(1024))
+                    await anyio.sleep(0)
+            return scope
+
+        assert anyio.run(leak).breached       # the parent's delivery thread runs
+        with ml.limit_scope(memory="1 GiB"):  # a scope open across the fork
+            pid = os.fork()
+            if pid == 0:
+                ok = anyio.run(leak).breached and anyio.run(leak, backend="trio").breached
+                os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        print("ok")
+        """
+    )
+    result = run_python("-W", "ignore::DeprecationWarning", "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
