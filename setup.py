@@ -12,7 +12,10 @@ compile_args = [
     "-Wextra",
     "-Wno-unused-parameter",
     "-Wno-missing-field-initializers",
+    # One %fs-relative access per hook instead of a __tls_get_addr call.
     "-ftls-model=initial-exec",
+    # Hidden globals are reached RIP-relative, not through the GOT.
+    "-fvisibility=hidden",
     "-std=gnu11",
 ]
 if os.environ.get("MEMLIMITS_WERROR") == "1":
