@@ -110,10 +110,14 @@ class OpenAccount:
 
     __slots__ = ("_account", "_token")
 
-    def __init__(self, *, memory: int | None, allocations: int | None) -> None:
+    def __init__(
+        self, *, memory: int | None, allocations: int | None, notify: bool
+    ) -> None:
+        """``notify``: queue a breach for the delivery layer (a loop owns the
+        scope); otherwise it is only recorded, and read at exit."""
         ensure_hooks()
         parent = _core.current_account.get(None)
-        self._account = _core.Account(parent, memory, allocations)
+        self._account = _core.Account(parent, memory, allocations, notify)
         self._token: Token[_core.Account | None] | None = None
 
     @property

@@ -82,8 +82,13 @@ class _TrioLoopHandle:
 def current_loop_handle() -> LoopHandle | None:
     """The loop of the task running this code, or None outside any task."""
     trio = sys.modules.get("trio")
-    if trio is not None and trio.lowlevel.in_trio_task():
-        return _TrioLoopHandle(trio.lowlevel.current_trio_token())
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass  # trio is imported but this is not a trio task
+        else:
+            return _TrioLoopHandle(trio.lowlevel.current_trio_token())
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:

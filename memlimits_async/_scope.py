@@ -138,7 +138,11 @@ class LimitScope:
             cancel_scope = anyio.CancelScope(deadline=deadline, shield=self._shield)
             cancel_scope.__enter__()
         try:
-            account = OpenAccount(memory=self._memory, allocations=self._allocations)
+            account = OpenAccount(
+                memory=self._memory,
+                allocations=self._allocations,
+                notify=loop is not None,
+            )
             try:
                 if loop is not None:
                     register(account.id, self._on_breach)

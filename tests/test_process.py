@@ -77,3 +77,24 @@ def test_child_of_fork_meters_and_delivers() -> None:
     result = run_python("-W", "ignore::DeprecationWarning", "-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_sync_scope_breach_is_not_queued_for_delivery() -> None:
+    # Outside a loop nothing drains the delivery queue, so a breached sync
+    # scope must not be put on it (it would keep its account alive forever).
+    code = dedent(
+        """
+        import memlimits_async as ml
+        from memlimits_async._meter import _core
+
+        for _ in range(3):
+            with ml.limit_scope(memory=0) as scope:
+                blocks = [bytes(1024) for _ in range(256)]
+            assert scope.breached
+        assert _core.take_breached() == [], "sync breaches were queued"
+        print("ok")
+        """
+    )
+    result = run_python("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -12,6 +12,7 @@ class Account:
         parent: Account | None = None,
         memory_limit: int | None = None,
         allocation_limit: int | None = None,
+        notify: bool = True,
     ) -> Account: ...
     @property
     def id(self) -> int: ...

@@ -50,7 +50,8 @@ accounts_after_fork_child(void)
 }
 
 account_t *
-account_new(account_t *parent, int64_t memory_limit, int64_t allocation_limit)
+account_new(account_t *parent, int64_t memory_limit, int64_t allocation_limit,
+            int notify)
 {
     account_t *a = calloc(1, sizeof(account_t));
     if (a == NULL) {
@@ -64,6 +65,7 @@ account_new(account_t *parent, int64_t memory_limit, int64_t allocation_limit)
     }
     a->memory_limit = memory_limit;
     a->allocation_limit = allocation_limit;
+    a->notify = notify;
     if (memory_limit != NO_LIMIT) {
         sampler_limit_opened(memory_limit);
     }
@@ -124,6 +126,9 @@ record_breach(account_t *a, int kind, int64_t limit, int64_t observed)
     a->breach_kind = kind;
     a->breach_limit = limit;
     a->breach_observed = observed;
+    if (!a->notify) {
+        return;  /* read at exit; nobody to wake */
+    }
     a->queued = 1;
     account_incref(a);
     a->next_queued = NULL;

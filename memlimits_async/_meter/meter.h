@@ -70,6 +70,7 @@ typedef struct account {
     int64_t memory_limit;    /* NO_LIMIT or bytes */
     int64_t allocation_limit;
     int closed;              /* its scope has exited: count, never breach */
+    int notify;              /* queue breaches for delivery (a loop owns it) */
     int breach_kind;         /* first breach only; sticky */
     int64_t breach_limit;
     int64_t breach_observed;
@@ -78,7 +79,7 @@ typedef struct account {
 } account_t;
 
 account_t *account_new(account_t *parent, int64_t memory_limit,
-                       int64_t allocation_limit);
+                       int64_t allocation_limit, int notify);
 void account_incref(account_t *a);
 void account_decref(account_t *a);
 void account_close(account_t *a);

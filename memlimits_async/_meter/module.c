@@ -38,12 +38,14 @@ static PyObject *
 Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"parent", "memory_limit", "allocation_limit",
-                               NULL};
+                               "notify", NULL};
     PyObject *parent = Py_None;
     PyObject *memory = Py_None;
     PyObject *allocations = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OOO:Account", keywords,
-                                     &parent, &memory, &allocations)) {
+    int notify = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OOOp:Account", keywords,
+                                     &parent, &memory, &allocations,
+                                     &notify)) {
         return NULL;
     }
     if (parent != Py_None && !Py_IS_TYPE(parent, &AccountType)) {
@@ -66,7 +68,8 @@ Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     }
     account_t *parent_account =
         parent == Py_None ? NULL : ((AccountObject *)parent)->account;
-    self->account = account_new(parent_account, memory_limit, allocation_limit);
+    self->account = account_new(parent_account, memory_limit, allocation_limit,
+                                notify);
     if (self->account == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
@@ -144,9 +147,10 @@ static PyTypeObject AccountType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "memlimits_async._meter._core.Account",
     .tp_doc = PyDoc_STR("Account(parent=None, memory_limit=None, "
-                        "allocation_limit=None)\n\n"
+                        "allocation_limit=None, notify=True)\n\n"
                         "What one scope is charged.  Charges also go to "
-                        "every ancestor."),
+                        "every ancestor.  With notify, a breach is queued "
+                        "for take_breached() and wakes the handler."),
     .tp_basicsize = sizeof(AccountObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,  /* not subclassable: hooks test the exact type */
     .tp_new = Account_new,
