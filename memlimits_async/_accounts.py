@@ -1,24 +1,30 @@
 """The Python face of the C meter's accounts: what a scope is charged.
 
-An :class:`OpenAccount` is a C account made current in this context (through
-the meter's ContextVar), so that every allocation sampled in this context,
-and in tasks and threads that copy it, is charged to it and to every
-enclosing account.  This module turns the meter's raw tuples into
-:class:`Usage` and :class:`Breach` values; it knows nothing of event loops.
+An :data:`Account` is a C account that can be made current in a context
+(through the meter's ContextVar), so that every allocation sampled in that
+context, and in tasks and threads that copy it, is charged to it and to every
+enclosing account.  This module opens accounts and turns the meter's raw
+tuples into :class:`Usage` and :class:`Breach` values; it knows nothing of
+event loops.
 """
 
 from __future__ import annotations
 
 import atexit
 import enum
-import warnings
-from contextvars import Token
 from dataclasses import dataclass
 
 from ._meter import _core
 from ._units import format_size
 
-__all__ = ["Breach", "BreachKind", "OpenAccount", "Usage", "ensure_hooks"]
+__all__ = [
+    "Account",
+    "Breach",
+    "BreachKind",
+    "Usage",
+    "breach_of",
+    "usage_from",
+]
 
 # Samples taken while the interpreter is being torn down are not charged.
 atexit.register(_core.disable_attribution)
@@ -70,7 +76,8 @@ _WHAT_IS_COUNTED = {
 }
 
 
-def _byte_breach(kind: BreachKind, limit: int, observed: int) -> Breach:
+def _byte_breach(code: int, limit: int, observed: int) -> Breach:
+    kind = _KIND_OF_CODE[code]
     over = observed - limit
     share = f" ({over / limit:.1%})" if limit else ""
     reason = (
@@ -81,73 +88,30 @@ def _byte_breach(kind: BreachKind, limit: int, observed: int) -> Breach:
     return Breach(kind, limit, observed, reason)
 
 
-def ensure_hooks() -> None:
-    """Install the allocator hooks, or install them again if they were lost.
+Account = _core.Account
+"""An account of the C meter: ``Account(memory_limit, allocation_limit,
+notify)``, a child of the account current in this context; with ``notify``, a
+breach is queued for the delivery layer (a loop owns the scope), otherwise it
+is only recorded, and read at exit.  Creating one installs the allocator hooks
+(again, with a ``RuntimeWarning``, if tracemalloc removed them).
 
-    They are lost when tracemalloc was started before them and is then
-    stopped: it restores the allocators it saved, which do not include ours.
-    """
-    _core.install()
-    if not _core.check_hooks():
-        warnings.warn(
-            "memlimits_async: the allocator hooks had been removed (by "
-            "tracemalloc.stop() after tracemalloc was started before "
-            "memlimits_async?) and were installed again; live-bytes "
-            "estimates of scopes open at that time restart from zero",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+``account.enter()`` makes it current in this
+context (so every allocation sampled here, and in tasks and threads that copy
+this context, is charged to it and its ancestors); ``account.leave()``, in the
+same context, stops that and closes it: it keeps counting the blocks charged
+to it until they are freed, and never breaches again.  Only what runs between
+the two is charged, so callers enter last and leave first."""
 
 
-class OpenAccount:
-    """A C account, and the switch that makes it current in this context.
+def usage_from(raw: tuple[int, int, int]) -> Usage:
+    """A :class:`Usage` from ``account.usage()``, read earlier."""
+    allocated, live, peak_live = raw
+    # Live can dip below zero by a few samples after the hooks were
+    # re-installed; nothing can hold fewer than zero bytes.
+    return Usage(allocated, max(live, 0), peak_live)
 
-    :meth:`enter` and :meth:`close` must run in the same context (the
-    ContextVar token is reset in :meth:`close`), like entering and exiting a
-    cancel scope in the same task.  Only what runs between them is charged,
-    so callers enter last and close first.
-    """
 
-    __slots__ = ("_account", "_token")
-
-    def __init__(
-        self, *, memory: int | None, allocations: int | None, notify: bool
-    ) -> None:
-        """``notify``: queue a breach for the delivery layer (a loop owns the
-        scope); otherwise it is only recorded, and read at exit."""
-        ensure_hooks()
-        parent = _core.current_account.get(None)
-        self._account = _core.Account(parent, memory, allocations, notify)
-        self._token: Token[_core.Account | None] | None = None
-
-    @property
-    def id(self) -> int:
-        return self._account.id
-
-    def enter(self) -> None:
-        """Charge this context's allocations to the account from now on."""
-        self._token = _core.enter(self._account)
-
-    def usage(self) -> Usage:
-        allocated, live, peak_live = self._account.usage()
-        # Live can dip below zero by a few samples after the hooks were
-        # re-installed; nothing can hold fewer than zero bytes.
-        return Usage(allocated, max(live, 0), peak_live)
-
-    def breach(self) -> Breach | None:
-        record = self._account.breach()
-        if record is None:
-            return None
-        code, limit, observed = record
-        return _byte_breach(_KIND_OF_CODE[code], limit, observed)
-
-    def close(self) -> None:
-        """Stop charging this context and stop checking limits (idempotent).
-
-        Blocks allocated in the scope and still alive keep counting in the
-        enclosing accounts until they are freed.
-        """
-        if self._token is not None:
-            _core.leave(self._token)
-            self._token = None
-        self._account.close()
+def breach_of(account: Account) -> Breach | None:
+    """The first limit the account passed, or None."""
+    record = account.breach()
+    return None if record is None else _byte_breach(*record)

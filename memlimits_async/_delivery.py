@@ -28,9 +28,8 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
-from ._accounts import ensure_hooks
 from ._meter import _core
 
 __all__ = ["LoopHandle", "current_loop_handle", "register", "unregister"]
@@ -44,7 +43,10 @@ _WAIT_WHILE_IDLE = 5.0
 
 
 class LoopHandle(Protocol):
-    """The one thing delivery needs from an event loop."""
+    """What a scope needs from the event loop of its task."""
+
+    def time(self) -> float:
+        """The loop's clock, the one its deadlines use."""
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` on the loop's thread soon.
@@ -55,14 +57,17 @@ class LoopHandle(Protocol):
 
 
 class _AsyncioLoopHandle:
-    __slots__ = ("_loop",)
+    __slots__ = ("loop",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
+
+    def time(self) -> float:
+        return self.loop.time()
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
         with contextlib.suppress(RuntimeError):  # closed loop: its tasks are gone
-            self._loop.call_soon_threadsafe(callback)
+            self.loop.call_soon_threadsafe(callback)
 
 
 class _TrioLoopHandle:
@@ -70,6 +75,11 @@ class _TrioLoopHandle:
 
     def __init__(self, token: object) -> None:
         self._token = token
+
+    def time(self) -> float:
+        import trio
+
+        return trio.current_time()
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
         import trio
@@ -79,23 +89,39 @@ class _TrioLoopHandle:
             self._token.run_sync_soon(callback)  # type: ignore[attr-defined]
 
 
+# The handle of the last asyncio loop seen: most programs have one loop, and
+# a scope is entered for every request.  (It keeps that loop object alive.)
+_last_asyncio_handle: _AsyncioLoopHandle | None = None
+
+
 def current_loop_handle() -> LoopHandle | None:
     """The loop of the task running this code, or None outside any task."""
+    # asyncio first, without raising: it is the common case, and an exception
+    # raised and caught here would cost more than the rest of a scope's entry.
+    global _last_asyncio_handle
+    loop = asyncio._get_running_loop()
+    if loop is not None and asyncio.current_task(loop) is not None:
+        handle = _last_asyncio_handle
+        if handle is None or handle.loop is not loop:
+            handle = _last_asyncio_handle = _AsyncioLoopHandle(loop)
+        return handle
+    # Not an asyncio task: a trio task (also trio in guest mode on a host
+    # loop, whose steps run as plain callbacks), or no task at all.
     trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            pass  # trio is imported but this is not a trio task
-        else:
-            return _TrioLoopHandle(trio.lowlevel.current_trio_token())
-    try:
-        loop = asyncio.get_running_loop()
+    if trio is not None and _in_trio_task(trio):
+        return _TrioLoopHandle(trio.lowlevel.current_trio_token())
+    return None
+
+
+def _in_trio_task(trio: Any) -> bool:
+    in_trio_task = getattr(trio.lowlevel, "in_trio_task", None)
+    if in_trio_task is not None:
+        return bool(in_trio_task())
+    try:  # trio < 0.23
+        trio.lowlevel.current_task()
     except RuntimeError:
-        return None
-    if asyncio.current_task(loop) is None:
-        return None  # a plain callback on the loop, not a task
-    return _AsyncioLoopHandle(loop)
+        return False
+    return True
 
 
 def register(account_id: int, callback: Callable[[], None]) -> None:
@@ -123,7 +149,7 @@ def _delivery_thread_main() -> None:
         if _core.wait_for_breach(timeout):
             _drain()
         if _callbacks:
-            ensure_hooks()
+            _core.install()  # puts the hooks back if tracemalloc removed them
 
 
 def _start_thread() -> None:

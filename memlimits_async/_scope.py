@@ -32,10 +32,17 @@ from typing import Final
 
 import anyio
 
-from ._accounts import Breach, BreachKind, OpenAccount, Usage
+from ._accounts import (
+    Account,
+    Breach,
+    BreachKind,
+    Usage,
+    breach_of,
+    usage_from,
+)
 from ._delivery import LoopHandle, current_loop_handle, register, unregister
 from ._exceptions import exception_for
-from ._units import parse_optional_size
+from ._units import parse_size
 
 __all__ = ["LimitScope", "limit_scope"]
 
@@ -48,9 +55,7 @@ _ACTIVE: Final = "active"
 _EXITED: Final = "exited"
 
 
-def _parse_timeout(timeout: object) -> float | None:
-    if timeout is None:
-        return None
+def _parse_timeout(timeout: object) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(
             f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
@@ -60,10 +65,9 @@ def _parse_timeout(timeout: object) -> float | None:
     return float(timeout)
 
 
-def _require_bool(value: object, name: str) -> bool:
+def _require_bool(value: object, name: str) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
-    return value
 
 
 class LimitScope:
@@ -73,24 +77,20 @@ class LimitScope:
     ``with``, in the task (or thread) that runs the work.
     """
 
-    __slots__ = (
-        "_account",
-        "_allocations",
-        "_breach",
-        "_cancel_reason",
-        "_cancel_requested",
-        "_cancel_scope",
-        "_deadline",
-        "_final_usage",
-        "_loop",
-        "_memory",
-        "_raise_on_breach",
-        "_shield",
-        "_started_at",
-        "_state",
-        "_timeout",
-        "_timeout_came_first",
-    )
+    # State that most scopes never change lives on the class: a scope is
+    # created and entered on every request of a server, and each attribute
+    # written in __init__ is paid for every time.
+    _state: str = _NEW
+    _account: Account | None = None
+    _cancel_scope: anyio.CancelScope | None = None
+    _loop: LoopHandle | None = None
+    _deadline: float = math.inf
+    _started_at: float = 0.0
+    _breach: Breach | None = None
+    _usage_at_exit: tuple[int, int, int] = (0, 0, 0)
+    _cancel_requested: bool = False
+    _cancel_reason: str | None = None
+    _timeout_came_first: bool = False
 
     def __init__(
         self,
@@ -101,22 +101,18 @@ class LimitScope:
         shield: bool = False,
         raise_on_breach: bool = False,
     ) -> None:
-        self._memory = parse_optional_size(memory, name="memory")
-        self._allocations = parse_optional_size(allocations, name="allocations")
-        self._timeout = _parse_timeout(timeout)
-        self._shield = _require_bool(shield, "shield")
-        self._raise_on_breach = _require_bool(raise_on_breach, "raise_on_breach")
-        self._state = _NEW
-        self._account: OpenAccount | None = None
-        self._cancel_scope: anyio.CancelScope | None = None
-        self._loop: LoopHandle | None = None
-        self._deadline = math.inf
-        self._started_at = 0.0
-        self._breach: Breach | None = None
-        self._final_usage = Usage(0, 0, 0)
-        self._cancel_requested = False
-        self._cancel_reason: str | None = None
-        self._timeout_came_first = False
+        # The checks skip a call for the common arguments (None, bools).
+        self._memory = None if memory is None else parse_size(memory, name="memory")
+        self._allocations = (
+            None if allocations is None else parse_size(allocations, name="allocations")
+        )
+        self._timeout = None if timeout is None else _parse_timeout(timeout)
+        if shield.__class__ is not bool:
+            _require_bool(shield, "shield")
+        if raise_on_breach.__class__ is not bool:
+            _require_bool(raise_on_breach, "raise_on_breach")
+        self._shield = shield
+        self._raise_on_breach = raise_on_breach
 
     # ---- entering and leaving ----
 
@@ -130,24 +126,26 @@ class LimitScope:
                 "entered outside any event-loop task, where nothing can "
                 "cancel it"
             )
+        timeout = self._timeout
+        if timeout is not None:
+            self._started_at = loop.time() if loop is not None else time.monotonic()
+            self._deadline = self._started_at + timeout
         cancel_scope = None
         if loop is not None:
-            deadline = math.inf
-            if self._timeout is not None:
-                deadline = anyio.current_time() + self._timeout
-            cancel_scope = anyio.CancelScope(deadline=deadline, shield=self._shield)
+            if timeout is None and not self._shield:
+                cancel_scope = anyio.CancelScope()
+            else:
+                cancel_scope = anyio.CancelScope(
+                    deadline=self._deadline, shield=self._shield
+                )
             cancel_scope.__enter__()
         try:
-            account = OpenAccount(
-                memory=self._memory,
-                allocations=self._allocations,
-                notify=loop is not None,
-            )
+            account = Account(self._memory, self._allocations, loop is not None)
             try:
                 if loop is not None:
                     register(account.id, self._on_breach)
             except BaseException:
-                account.close()
+                account.leave()
                 raise
         except BaseException:
             if cancel_scope is not None:
@@ -156,13 +154,8 @@ class LimitScope:
         self._account = account
         self._cancel_scope = cancel_scope
         self._loop = loop
-        self._started_at = self._now()
-        if cancel_scope is not None:
-            self._deadline = cancel_scope.deadline
-            if self._cancel_requested:
-                cancel_scope.cancel(self._cancel_reason)
-        elif self._timeout is not None:
-            self._deadline = self._started_at + self._timeout
+        if cancel_scope is not None and self._cancel_requested:
+            cancel_scope.cancel(self._cancel_reason)
         self._state = _ACTIVE
         account.enter()  # last: only the body's allocations are charged
         return self
@@ -176,24 +169,32 @@ class LimitScope:
         if self._state != _ACTIVE or self._account is None:
             raise RuntimeError("this limit_scope is not active")
         account = self._account
-        account.close()  # first: only the body's allocations are charged
+        account.leave()  # first: only the body's allocations are charged
         self._state = _EXITED
         unregister(account.id)
-        breach = account.breach()
-        self._final_usage = account.usage()
-        elapsed = self._now() - self._started_at
+        breach = breach_of(account)
+        self._usage_at_exit = account.usage()  # a Usage is built on demand
         suppressed = False
-        if self._cancel_scope is not None:
-            suppressed = bool(self._cancel_scope.__exit__(exc_type, exc, tb))
+        cancel_scope = self._cancel_scope
+        if cancel_scope is not None:
+            suppressed = bool(cancel_scope.__exit__(exc_type, exc, tb))
             # Cancelled with no breach and no cancel() call: the deadline did it.
-            timed_out = self._cancel_scope.cancel_called and (
-                self._timeout_came_first
-                or (breach is None and not self._cancel_requested)
+            timed_out = (
+                self._timeout is not None
+                and cancel_scope.cancel_called
+                and (
+                    self._timeout_came_first
+                    or (breach is None and not self._cancel_requested)
+                )
             )
         else:
-            timed_out = breach is None and self._now() >= self._deadline
+            timed_out = (
+                self._timeout is not None
+                and breach is None
+                and time.monotonic() >= self._deadline
+            )
         if timed_out:
-            breach = self._timeout_breach(elapsed)
+            breach = self._timeout_breach(self._now() - self._started_at)
         self._breach = breach
         if breach is not None and self._raise_on_breach and (exc is None or suppressed):
             raise exception_for(breach) from None
@@ -212,7 +213,7 @@ class LimitScope:
 
     def _now(self) -> float:
         """The clock of the scope's deadline: the loop's, or monotonic."""
-        return anyio.current_time() if self._loop is not None else time.monotonic()
+        return self._loop.time() if self._loop is not None else time.monotonic()
 
     # ---- delivery ----
 
@@ -225,7 +226,7 @@ class LimitScope:
         """Runs on the scope's own loop thread, between task steps."""
         if self._state != _ACTIVE or self._cancel_scope is None:
             return
-        breach = self._account.breach() if self._account is not None else None
+        breach = breach_of(self._account) if self._account is not None else None
         if breach is None:
             return
         if self._cancel_scope.cancel_called and not self._cancel_requested:
@@ -277,7 +278,7 @@ class LimitScope:
         """What fired, or None.  While the scope is active this is read live
         from the meter (a timeout is only known at exit)."""
         if self._state == _ACTIVE and self._account is not None:
-            return self._account.breach()
+            return breach_of(self._account)
         return self._breach
 
     @property
@@ -289,8 +290,8 @@ class LimitScope:
     def usage(self) -> Usage:
         """Bytes charged so far (while active) or at exit (afterwards)."""
         if self._state == _ACTIVE and self._account is not None:
-            return self._account.usage()
-        return self._final_usage
+            return usage_from(self._account.usage())
+        return usage_from(self._usage_at_exit)
 
     @property
     def memory(self) -> int | None:

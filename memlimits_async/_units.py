@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
-__all__ = ["format_size", "parse_optional_size", "parse_size"]
+__all__ = ["format_size", "parse_size"]
 
 _UNITS = {
     "": 1,
@@ -31,32 +32,24 @@ def parse_size(value: object, *, name: str) -> int:
     or KiB/MiB/GiB/TiB (powers of 1024), case-insensitive.  Errors name the
     argument: ``TypeError`` for a wrong type, ``ValueError`` for a bad value.
     """
+    if isinstance(value, str):
+        return _parse_size_text(value, name)
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a size in bytes (int or str), not bool")
-    if isinstance(value, int):
-        number: float | int = value
-    elif isinstance(value, float):
+    if isinstance(value, int | float):
         if math.isnan(value) or math.isinf(value):
             raise ValueError(f"{name} must be a finite size, got {value!r}")
-        number = value
-    elif isinstance(value, str):
-        number = _parse_size_text(value, name=name)
-    else:
-        raise TypeError(
-            f"{name} must be a size in bytes (int, or str like '50 MiB'), "
-            f"not {type(value).__name__}"
-        )
-    if number < 0:
-        raise ValueError(f"{name} must not be negative, got {value!r}")
-    return int(number)
+        if value < 0:
+            raise ValueError(f"{name} must not be negative, got {value!r}")
+        return int(value)
+    raise TypeError(
+        f"{name} must be a size in bytes (int, or str like '50 MiB'), "
+        f"not {type(value).__name__}"
+    )
 
 
-def parse_optional_size(value: object, *, name: str) -> int | None:
-    """Like :func:`parse_size`, with ``None`` meaning "no limit"."""
-    return None if value is None else parse_size(value, name=name)
-
-
-def _parse_size_text(text: str, *, name: str) -> int | float:
+@functools.lru_cache(maxsize=256)  # scopes are opened with the same few strings
+def _parse_size_text(text: str, name: str) -> int:
     match = _SIZE_RE.match(text)
     if match is None:
         raise ValueError(
@@ -69,7 +62,7 @@ def _parse_size_text(text: str, *, name: str) -> int | float:
         raise ValueError(f"{name} has an unknown unit {unit!r} (known: {known})")
     digits = digits.replace("_", "")
     if "." in digits:
-        return float(digits) * multiplier
+        return int(float(digits) * multiplier)
     return int(digits) * multiplier  # exact, however large
 
 

@@ -3,10 +3,14 @@
  *
  * Open addressing with linear probing and backward-shift deletion (no
  * tombstones), load kept at or below 1/2.  Storage comes from libc calloc,
- * never from a hooked domain.  In front of it sits a counting filter of
- * 2^16 saturating byte counters indexed by another hash of the pointer: a free
- * of an untracked block costs one load and one test (blocks_maybe_tracked in
- * meter.h); false positives grow with live samples / 65536.
+ * never from a hooked domain.  In front of it sits a filter of 2^16 bits
+ * (8 KiB, so it stays in L1) indexed by another hash of the pointer: a free
+ * of an untracked block costs one load and one bit test
+ * (blocks_maybe_tracked in meter.h).  A bit cannot be cleared when its block
+ * goes, since other blocks may share it; stale bits are swept by rebuilding
+ * the filter from the table once removals outnumber both 4096 and the
+ * tracked blocks, which keeps the rebuild amortised O(1) per removal and the
+ * false-positive rate near (tracked blocks) / 65536.
  *
  * All functions here run with the main interpreter's GIL held (meter.h).
  */
@@ -16,11 +20,31 @@
 #define INITIAL_CAPACITY 1024
 
 Py_ssize_t blocks_count = 0;
-uint8_t blocks_filter[1 << BLOCKS_FILTER_BITS];
+uint8_t blocks_filter[(1 << BLOCKS_FILTER_BITS) / 8];
 
 static block_t *table = NULL;
 static size_t capacity = 0;     /* power of two, or 0 before first use */
 static uint64_t false_positives = 0;
+static Py_ssize_t removals_since_rebuild = 0;
+
+static inline void
+filter_set(uintptr_t ptr)
+{
+    size_t bit = blocks_filter_index(ptr);
+    blocks_filter[bit >> 3] |= (uint8_t)(1u << (bit & 7));
+}
+
+static void
+filter_rebuild(void)
+{
+    memset(blocks_filter, 0, sizeof(blocks_filter));
+    for (size_t i = 0; i < capacity; i++) {
+        if (table[i].ptr != 0) {
+            filter_set(table[i].ptr);
+        }
+    }
+    removals_since_rebuild = 0;
+}
 
 static inline size_t
 slot_of(uintptr_t ptr, size_t mask)
@@ -74,10 +98,7 @@ blocks_insert(uintptr_t ptr, account_t *account, int64_t weight)
     account_incref(account);
     place(table, capacity - 1, &entry);
     blocks_count++;
-    uint8_t *counter = &blocks_filter[blocks_filter_index(ptr)];
-    if (*counter != UINT8_MAX) {
-        (*counter)++;
-    }
+    filter_set(ptr);
     return 0;
 }
 
@@ -117,9 +138,8 @@ blocks_take(uintptr_t ptr, block_t *out)
     table[hole].ptr = 0;
     table[hole].account = NULL;
     blocks_count--;
-    uint8_t *counter = &blocks_filter[blocks_filter_index(ptr)];
-    if (*counter != UINT8_MAX) {
-        (*counter)--;
+    if (++removals_since_rebuild > 4096 && removals_since_rebuild > blocks_count) {
+        filter_rebuild();
     }
     return 1;
 }
@@ -139,6 +159,7 @@ blocks_forget_all(void)
     }
     blocks_count = 0;
     memset(blocks_filter, 0, sizeof(blocks_filter));
+    removals_since_rebuild = 0;
 }
 
 Py_ssize_t

@@ -10,12 +10,13 @@
  *    through MEM.  RAW is not hooked: it runs without the GIL and would need
  *    a lock-free table.  pymalloc forwards big requests to RAW, which we do
  *    not see twice for that reason.
- *  - A per-thread depth counter: a hook reached from inside one of our hooks
- *    (an allocator below us that calls a Python allocator) passes straight
- *    through, so no block is counted twice.
- *  - Fast path: a thread-local subtraction and branch on allocation, a
- *    global load and a filter byte on free.  Everything else (random draws,
- *    the ContextVar read, the table) happens once per ~R sampled bytes.
+ *  - A per-thread depth counter, checked on the slow path: an allocation
+ *    made from inside our own slow path is never metered, so no block is
+ *    counted twice and no sample is taken while one is being recorded.
+ *  - Fast path: a thread-local subtraction, a branch and a tail call on
+ *    allocation; a global load and a filter bit on free.  Everything else
+ *    (random draws, the ContextVar read, the table) happens once per ~R
+ *    sampled bytes.
  *  - No Python code, no exception left set, no GIL acquisition inside a hook
  *    (meter.h).  Shared state is touched only from the main interpreter.
  */
@@ -88,14 +89,15 @@ current_account(void)
     return account;
 }
 
-/* Slow path: the countdown reached a mark inside this allocation. */
+/* A mark fell inside this allocation of `size` bytes, `overshoot` bytes
+ * before its end: weigh the sample and charge it. */
 static void
-sample(thread_meter_t *t, void *ptr, size_t size)
+sample(thread_meter_t *t, void *ptr, size_t size, int64_t overshoot)
 {
     if (METER_UNLIKELY(t->epoch != sampler_epoch)) {
         /* First allocation of this thread, or R changed since its countdown
          * was drawn: (re)start its Poisson process at this allocation. */
-        if (t->mean == 0) {
+        if (t->mean == 0 && in_main_interpreter()) {
             sampler_register_thread(t);
         }
         sampler_redraw(t);
@@ -103,13 +105,14 @@ sample(thread_meter_t *t, void *ptr, size_t size)
         if (t->countdown > 0) {
             return;
         }
+        overshoot = -t->countdown;
     }
     int64_t weight;
     if (t->mean <= 1) {
         weight = (int64_t)size;
     }
     else {
-        weight = (1 + sampler_extra_marks(t, -t->countdown)) * t->mean;
+        weight = (1 + sampler_extra_marks(t, overshoot)) * t->mean;
     }
     sampler_redraw(t);
     if (ptr == NULL || weight == 0 || !attribution_enabled
@@ -129,12 +132,14 @@ sample(thread_meter_t *t, void *ptr, size_t size)
     account_charge(account, weight);
 }
 
+/* Inside our own slow path (or _core.enter/leave) nothing is metered: a
+ * mark that falls there is dropped by restarting the countdown, which by
+ * memorylessness leaves the rest of the process unbiased. */
 static inline void
-count(thread_meter_t *t, void *ptr, size_t size)
+drop_mark(thread_meter_t *t)
 {
-    t->countdown -= (int64_t)size;
-    if (METER_UNLIKELY(t->countdown <= 0)) {
-        sample(t, ptr, size);
+    if (t->countdown <= 0) {
+        sampler_redraw(t);
     }
 }
 
@@ -154,54 +159,65 @@ forget(void *ptr)
     }
 }
 
-static void *
-hook_malloc(void *ctx, size_t size)
+/* The slow paths run when the countdown reached zero.  The depth counter
+ * lives here, not on the fast path: MEM/OBJ allocators below us (pymalloc,
+ * the debug hooks, tracemalloc) call the RAW domain or libc, never a hooked
+ * domain, so the only code that can re-enter our hooks is our own slow path,
+ * and that is where it is guarded. */
+static void *__attribute__((noinline))
+malloc_slow(domain_hook_t *hook, thread_meter_t *t, size_t size)
 {
-    domain_hook_t *hook = ctx;
-    thread_meter_t *t = &meter_tls;
-    if (METER_UNLIKELY(t->depth)) {
+    if (t->depth) {
+        drop_mark(t);
         return hook->prev.malloc(hook->prev.ctx, size);
     }
+    int64_t overshoot = -t->countdown;
     t->depth = 1;
     void *ptr = hook->prev.malloc(hook->prev.ctx, size);
-    count(t, ptr, size);
+    sample(t, ptr, size, overshoot);
     t->depth = 0;
     return ptr;
 }
 
-static void *
-hook_calloc(void *ctx, size_t nelem, size_t elsize)
+static void *__attribute__((noinline))
+calloc_slow(domain_hook_t *hook, thread_meter_t *t, size_t nelem,
+            size_t elsize, size_t size)
 {
-    domain_hook_t *hook = ctx;
-    thread_meter_t *t = &meter_tls;
-    if (METER_UNLIKELY(t->depth)) {
+    if (t->depth) {
+        drop_mark(t);
         return hook->prev.calloc(hook->prev.ctx, nelem, elsize);
     }
+    int64_t overshoot = -t->countdown;
     t->depth = 1;
     void *ptr = hook->prev.calloc(hook->prev.ctx, nelem, elsize);
-    size_t size;
-    if (!__builtin_mul_overflow(nelem, elsize, &size)) {
-        count(t, ptr, size);
-    }
+    sample(t, ptr, size, overshoot);
     t->depth = 0;
     return ptr;
 }
 
-static void *
-hook_realloc(void *ctx, void *ptr, size_t size)
+/* A realloc of a possibly tracked block, or one that reached a mark.
+ * `counted`: the fast path already subtracted `size` from the countdown. */
+static void *__attribute__((noinline))
+realloc_slow(domain_hook_t *hook, thread_meter_t *t, void *ptr, size_t size,
+             int counted)
 {
-    domain_hook_t *hook = ctx;
-    thread_meter_t *t = &meter_tls;
-    if (METER_UNLIKELY(t->depth)) {
-        return hook->prev.realloc(hook->prev.ctx, ptr, size);
-    }
-    t->depth = 1;
     /* The old block's record is taken out before the call: once realloc
-     * returns, its address may already belong to someone else. */
+     * returns, its address may already belong to someone else.  This is
+     * done even where nothing is metered, or the record would go stale. */
     block_t old;
     int had_record = ptr != NULL && blocks_maybe_tracked(ptr)
                      && in_main_interpreter()
                      && blocks_take((uintptr_t)ptr, &old);
+    if (!counted) {
+        t->countdown -= (int64_t)size;
+    }
+    int outer_depth = t->depth;
+    int metered = outer_depth == 0 && t->countdown <= 0;
+    int64_t overshoot = -t->countdown;
+    if (outer_depth) {
+        drop_mark(t);
+    }
+    t->depth = 1;
     void *new_ptr = hook->prev.realloc(hook->prev.ctx, ptr, size);
     if (had_record) {
         if (new_ptr == NULL
@@ -215,9 +231,53 @@ hook_realloc(void *ctx, void *ptr, size_t size)
     }
     /* A realloc is charged its whole new size, like tracemalloc: it may move
      * and copy the block, and the old size is unknown for unsampled blocks. */
-    count(t, new_ptr, size);
-    t->depth = 0;
+    if (metered) {
+        sample(t, new_ptr, size, overshoot);
+    }
+    t->depth = outer_depth;
     return new_ptr;
+}
+
+/* Fast paths: a thread-local subtraction and a branch, then a tail call. */
+
+static void *
+hook_malloc(void *ctx, size_t size)
+{
+    domain_hook_t *hook = ctx;
+    thread_meter_t *t = &meter_tls;
+    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
+        return hook->prev.malloc(hook->prev.ctx, size);
+    }
+    return malloc_slow(hook, t, size);
+}
+
+static void *
+hook_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    domain_hook_t *hook = ctx;
+    thread_meter_t *t = &meter_tls;
+    size_t size;
+    if (METER_UNLIKELY(__builtin_mul_overflow(nelem, elsize, &size))) {
+        return hook->prev.calloc(hook->prev.ctx, nelem, elsize);  /* fails */
+    }
+    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
+        return hook->prev.calloc(hook->prev.ctx, nelem, elsize);
+    }
+    return calloc_slow(hook, t, nelem, elsize, size);
+}
+
+static void *
+hook_realloc(void *ctx, void *ptr, size_t size)
+{
+    domain_hook_t *hook = ctx;
+    thread_meter_t *t = &meter_tls;
+    if (METER_UNLIKELY(ptr != NULL && blocks_maybe_tracked(ptr))) {
+        return realloc_slow(hook, t, ptr, size, 0);
+    }
+    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
+        return hook->prev.realloc(hook->prev.ctx, ptr, size);
+    }
+    return realloc_slow(hook, t, ptr, size, 1);
 }
 
 static void

@@ -147,7 +147,8 @@ blocks_filter_index(uintptr_t ptr)
 static inline int
 blocks_maybe_tracked(const void *ptr)
 {
-    return blocks_count != 0 && blocks_filter[blocks_filter_index((uintptr_t)ptr)];
+    size_t bit = blocks_filter_index((uintptr_t)ptr);
+    return blocks_count != 0 && (blocks_filter[bit >> 3] >> (bit & 7)) & 1;
 }
 
 int blocks_insert(uintptr_t ptr, account_t *account, int64_t weight);
@@ -172,6 +173,7 @@ void hooks_disable_attribution(void);
 typedef struct {
     PyObject_HEAD
     account_t *account;
+    PyObject *token;   /* ContextVar token while entered, else NULL */
 } AccountObject;
 
 #endif /* MEMLIMITS_METER_H */

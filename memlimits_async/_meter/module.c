@@ -34,24 +34,54 @@ parse_limit(PyObject *value, const char *name, int64_t *out)
     return 0;
 }
 
+/* Install the hooks, or install them again (with a warning) if they were
+ * removed: tracemalloc, started before us and then stopped, restores the
+ * allocators it saved, which do not include ours. */
+static int
+ensure_hooks(void)
+{
+    if (!hooks_installed()) {
+        return hooks_install();
+    }
+    if (hooks_check()) {
+        return 0;
+    }
+    return PyErr_WarnEx(
+        PyExc_RuntimeWarning,
+        "memlimits_async: the allocator hooks had been removed (by "
+        "tracemalloc.stop() after tracemalloc was started before "
+        "memlimits_async?) and were installed again; live-bytes estimates of "
+        "scopes open at that time restart from zero",
+        1);
+}
+
+/* The account current in this context, borrowed from the context (which
+ * holds it for as long as the caller runs), or NULL. */
+static account_t *
+context_account(void)
+{
+    PyObject *value = NULL;
+    if (PyContextVar_Get(current_account_var, NULL, &value) < 0) {
+        return NULL;
+    }
+    account_t *account = NULL;
+    if (value != NULL && Py_IS_TYPE(value, &AccountType)) {
+        account = ((AccountObject *)value)->account;
+    }
+    Py_XDECREF(value);
+    return account;
+}
+
 static PyObject *
 Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"parent", "memory_limit", "allocation_limit",
-                               "notify", NULL};
-    PyObject *parent = Py_None;
+    static char *keywords[] = {"memory_limit", "allocation_limit", "notify",
+                               NULL};
     PyObject *memory = Py_None;
     PyObject *allocations = Py_None;
     int notify = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OOOp:Account", keywords,
-                                     &parent, &memory, &allocations,
-                                     &notify)) {
-        return NULL;
-    }
-    if (parent != Py_None && !Py_IS_TYPE(parent, &AccountType)) {
-        PyErr_Format(PyExc_TypeError,
-                     "parent must be an Account or None, not %.100s",
-                     Py_TYPE(parent)->tp_name);
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OOp:Account", keywords,
+                                     &memory, &allocations, &notify)) {
         return NULL;
     }
     int64_t memory_limit, allocation_limit;
@@ -59,17 +89,18 @@ Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         || parse_limit(allocations, "allocation_limit", &allocation_limit) < 0) {
         return NULL;
     }
-    if (hooks_install() < 0) {
+    if (ensure_hooks() < 0) {
+        return NULL;
+    }
+    account_t *parent = context_account();
+    if (parent == NULL && PyErr_Occurred()) {
         return NULL;
     }
     AccountObject *self = (AccountObject *)type->tp_alloc(type, 0);
     if (self == NULL) {
         return NULL;
     }
-    account_t *parent_account =
-        parent == Py_None ? NULL : ((AccountObject *)parent)->account;
-    self->account = account_new(parent_account, memory_limit, allocation_limit,
-                                notify);
+    self->account = account_new(parent, memory_limit, allocation_limit, notify);
     if (self->account == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
@@ -80,12 +111,49 @@ Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static void
 Account_dealloc(AccountObject *self)
 {
+    Py_CLEAR(self->token);
     if (self->account != NULL) {
         account_close(self->account);
         account_decref(self->account);
         self->account = NULL;
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Switching the ContextVar allocates (a new HAMT, a Token): done with the
+ * hooks passing through, so that a scope is never charged for its own
+ * bookkeeping and only its body's allocations count. */
+static PyObject *
+Account_enter(AccountObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->token != NULL || self->account->closed) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this account was already entered");
+        return NULL;
+    }
+    meter_tls.depth++;
+    self->token = PyContextVar_Set(current_account_var, (PyObject *)self);
+    meter_tls.depth--;
+    if (self->token == NULL) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Account_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->token != NULL) {
+        meter_tls.depth++;
+        int rc = PyContextVar_Reset(current_account_var, self->token);
+        meter_tls.depth--;
+        if (rc < 0) {
+            return NULL;  /* another context: the account stays entered */
+        }
+        Py_CLEAR(self->token);
+    }
+    account_close(self->account);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -108,13 +176,6 @@ Account_breach(AccountObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-Account_close(AccountObject *self, PyObject *Py_UNUSED(ignored))
-{
-    account_close(self->account);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
 Account_get_id(AccountObject *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromUnsignedLongLong(self->account->id);
@@ -131,14 +192,17 @@ static PyMethodDef Account_methods[] = {
      "usage() -> (allocated, live, peak_live): estimated bytes."},
     {"breach", (PyCFunction)Account_breach, METH_NOARGS,
      "breach() -> None | (kind, limit, observed): the first limit passed."},
-    {"close", (PyCFunction)Account_close, METH_NOARGS,
-     "close(): the scope has exited; keep counting, never breach."},
+    {"enter", (PyCFunction)Account_enter, METH_NOARGS,
+     "enter(): make this account current in this context."},
+    {"leave", (PyCFunction)Account_leave, METH_NOARGS,
+     "leave(): undo enter() (same context) and close the account: it keeps\n"
+     "counting the blocks charged to it, and never breaches again."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef Account_getset[] = {
     {"id", (getter)Account_get_id, NULL, "Unique id of this account.", NULL},
-    {"closed", (getter)Account_get_closed, NULL, "Whether close() was called.",
+    {"closed", (getter)Account_get_closed, NULL, "Whether leave() was called.",
      NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -146,11 +210,12 @@ static PyGetSetDef Account_getset[] = {
 static PyTypeObject AccountType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "memlimits_async._meter._core.Account",
-    .tp_doc = PyDoc_STR("Account(parent=None, memory_limit=None, "
-                        "allocation_limit=None, notify=True)\n\n"
-                        "What one scope is charged.  Charges also go to "
-                        "every ancestor.  With notify, a breach is queued "
-                        "for take_breached() and wakes the handler."),
+    .tp_doc = PyDoc_STR("Account(memory_limit=None, allocation_limit=None, "
+                        "notify=True)\n\n"
+                        "What one scope is charged.  Its parent is the account "
+                        "current in this context; charges also go to every "
+                        "ancestor.  With notify, a breach is queued for "
+                        "take_breached() and wakes the handler."),
     .tp_basicsize = sizeof(AccountObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,  /* not subclassable: hooks test the exact type */
     .tp_new = Account_new,
@@ -162,16 +227,10 @@ static PyTypeObject AccountType = {
 static PyObject *
 meter_install(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
-    if (hooks_install() < 0) {
+    if (ensure_hooks() < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
-}
-
-static PyObject *
-meter_check_hooks(PyObject *module, PyObject *Py_UNUSED(ignored))
-{
-    return PyBool_FromLong(hooks_check());
 }
 
 static PyObject *
@@ -201,35 +260,6 @@ meter_stats(PyObject *module, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     return dict;
-}
-
-/* Switching the ContextVar allocates (a new HAMT, a Token): done with the
- * hooks passing through, so that a scope is never charged for its own
- * bookkeeping and only its body's allocations count. */
-static PyObject *
-meter_enter(PyObject *module, PyObject *account)
-{
-    if (!Py_IS_TYPE(account, &AccountType)) {
-        PyErr_Format(PyExc_TypeError, "expected an Account, not %.100s",
-                     Py_TYPE(account)->tp_name);
-        return NULL;
-    }
-    meter_tls.depth++;
-    PyObject *token = PyContextVar_Set(current_account_var, account);
-    meter_tls.depth--;
-    return token;
-}
-
-static PyObject *
-meter_leave(PyObject *module, PyObject *token)
-{
-    meter_tls.depth++;
-    int rc = PyContextVar_Reset(current_account_var, token);
-    meter_tls.depth--;
-    if (rc < 0) {
-        return NULL;
-    }
-    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -272,16 +302,12 @@ meter_disable_attribution(PyObject *module, PyObject *Py_UNUSED(ignored))
 
 static PyMethodDef meter_methods[] = {
     {"install", meter_install, METH_NOARGS,
-     "Install the allocator hooks (idempotent; never uninstalled)."},
-    {"check_hooks", meter_check_hooks, METH_NOARGS,
-     "Re-install the hooks if they were removed; False if that happened."},
+     "Install the allocator hooks, or install them again, with a\n"
+     "RuntimeWarning, if they were removed.  They are never uninstalled.\n"
+     "Account() does the same."},
     {"set_sampling_interval", meter_set_sampling_interval, METH_O,
      "Set the configured (maximum) mean sampling interval in bytes."},
     {"stats", meter_stats, METH_NOARGS, "Counters of the meter."},
-    {"enter", meter_enter, METH_O,
-     "enter(account) -> Token: make account current in this context."},
-    {"leave", meter_leave, METH_O,
-     "leave(token): undo enter(); the token comes from enter()."},
     {"take_breached", meter_take_breached, METH_NOARGS,
      "Ids of the accounts breached since the last call."},
     {"wait_for_breach", meter_wait_for_breach, METH_O,
