@@ -22,7 +22,7 @@ __all__ = [
     "Breach",
     "BreachKind",
     "Usage",
-    "breach_of",
+    "breach_from",
     "usage_from",
 ]
 
@@ -89,18 +89,19 @@ def _byte_breach(code: int, limit: int, observed: int) -> Breach:
 
 
 Account = _core.Account
-"""An account of the C meter: ``Account(memory_limit, allocation_limit,
-notify)``, a child of the account current in this context; with ``notify``, a
-breach is queued for the delivery layer (a loop owns the scope), otherwise it
-is only recorded, and read at exit.  Creating one installs the allocator hooks
-(again, with a ``RuntimeWarning``, if tracemalloc removed them).
+"""An account of the C meter: ``Account(memory_limit, allocation_limit)``, a
+child of the account current in this context.  Creating one installs the
+allocator hooks (again, with a ``RuntimeWarning``, if tracemalloc removed
+them).
 
-``account.enter()`` makes it current in this
-context (so every allocation sampled here, and in tasks and threads that copy
-this context, is charged to it and its ancestors); ``account.leave()``, in the
-same context, stops that and closes it: it keeps counting the blocks charged
-to it until they are freed, and never breaches again.  Only what runs between
-the two is charged, so callers enter last and leave first."""
+``account.enter(on_breach)`` makes it current in this context, so that every
+allocation sampled here, and in tasks and threads that copy this context, is
+charged to it and to its ancestors; ``on_breach`` (or None) is called by the
+delivery layer soon after the account passes a limit.  ``account.leave()``,
+in the same context, undoes that and closes the account: it keeps counting
+the blocks charged to it until they are freed, and never breaches again.
+Only what runs between the two is charged, so callers enter last and leave
+first."""
 
 
 def usage_from(raw: tuple[int, int, int]) -> Usage:
@@ -111,7 +112,6 @@ def usage_from(raw: tuple[int, int, int]) -> Usage:
     return Usage(allocated, max(live, 0), peak_live)
 
 
-def breach_of(account: Account) -> Breach | None:
-    """The first limit the account passed, or None."""
-    record = account.breach()
-    return None if record is None else _byte_breach(*record)
+def breach_from(record: tuple[int, int, int]) -> Breach:
+    """A :class:`Breach` from a record returned by ``account.breach()``."""
+    return _byte_breach(*record)

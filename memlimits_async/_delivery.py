@@ -8,16 +8,12 @@ may run, and wakes this module in two ways (see ``_meter/accounts.c``):
 * a semaphore that the *delivery thread* below waits on, for event loops in
   other threads and for a main thread that is blocked in C.
 
-Either way :func:`_drain` runs with the GIL held, takes the breached account
-ids and calls the callback registered for each.  A callback must only hand
-the work over to its own loop with that loop's thread- and signal-safe entry
-point (:class:`LoopHandle`): the pending call runs in the middle of arbitrary
-code, exactly like a signal handler.
-
-Invariant: the registry maps an account id to its callback from the moment
-the scope's account is open until the scope exits; a breach of an account
-that is not registered (the scope has exited) is dropped here, and is still
-visible on the account itself.
+Either way :func:`_drain` runs with the GIL held, takes the callbacks of the
+breached accounts (given by ``account.enter(on_breach)``, dropped by
+``account.leave()``, so a scope that has exited is never called) and calls
+them.  A callback must only hand the work over to its own loop with that
+loop's thread- and signal-safe entry point (:class:`LoopHandle`): the pending
+call runs in the middle of arbitrary code, exactly like a signal handler.
 """
 
 from __future__ import annotations
@@ -32,14 +28,12 @@ from typing import Any, Protocol
 
 from ._meter import _core
 
-__all__ = ["LoopHandle", "current_loop_handle", "register", "unregister"]
+__all__ = ["LoopHandle", "current_loop_handle"]
 
-_callbacks: dict[int, Callable[[], None]] = {}
 _thread: threading.Thread | None = None
 _thread_lock = threading.Lock()
 
-_WAIT_WHILE_SCOPES_OPEN = 0.25  # seconds; also how often lost hooks are noticed
-_WAIT_WHILE_IDLE = 5.0
+_WAIT = 0.25  # seconds between ticks of the meter (see _core.tick)
 
 
 class LoopHandle(Protocol):
@@ -71,10 +65,10 @@ class _AsyncioLoopHandle:
 
 
 class _TrioLoopHandle:
-    __slots__ = ("_token",)
+    __slots__ = ("token",)
 
     def __init__(self, token: object) -> None:
-        self._token = token
+        self.token = token
 
     def time(self) -> float:
         import trio
@@ -86,30 +80,42 @@ class _TrioLoopHandle:
 
         # TrioToken.run_sync_soon is documented as signal-safe (RLock).
         with contextlib.suppress(trio.RunFinishedError):  # the run is over
-            self._token.run_sync_soon(callback)  # type: ignore[attr-defined]
+            self.token.run_sync_soon(callback)  # type: ignore[attr-defined]
 
 
-# The handle of the last asyncio loop seen: most programs have one loop, and
-# a scope is entered for every request.  (It keeps that loop object alive.)
+# The handle of the last loop seen (one per library): most programs have one
+# loop, and a scope is entered for every request.  (This keeps that loop or
+# trio token alive.)
 _last_asyncio_handle: _AsyncioLoopHandle | None = None
+_last_trio_handle: _TrioLoopHandle | None = None
 
 
 def current_loop_handle() -> LoopHandle | None:
-    """The loop of the task running this code, or None outside any task."""
+    """The loop of the task running this code, or None outside any task.
+
+    A scope that gets a handle will wait for breaches: the first handle of a
+    loop starts the delivery thread.
+    """
+    global _last_asyncio_handle, _last_trio_handle
     # asyncio first, without raising: it is the common case, and an exception
     # raised and caught here would cost more than the rest of a scope's entry.
-    global _last_asyncio_handle
     loop = asyncio._get_running_loop()
     if loop is not None and asyncio.current_task(loop) is not None:
-        handle = _last_asyncio_handle
-        if handle is None or handle.loop is not loop:
-            handle = _last_asyncio_handle = _AsyncioLoopHandle(loop)
-        return handle
+        asyncio_handle = _last_asyncio_handle
+        if asyncio_handle is None or asyncio_handle.loop is not loop:
+            _start_delivery()
+            asyncio_handle = _last_asyncio_handle = _AsyncioLoopHandle(loop)
+        return asyncio_handle
     # Not an asyncio task: a trio task (also trio in guest mode on a host
     # loop, whose steps run as plain callbacks), or no task at all.
     trio = sys.modules.get("trio")
     if trio is not None and _in_trio_task(trio):
-        return _TrioLoopHandle(trio.lowlevel.current_trio_token())
+        token = trio.lowlevel.current_trio_token()
+        trio_handle = _last_trio_handle
+        if trio_handle is None or trio_handle.token is not token:
+            _start_delivery()
+            trio_handle = _last_trio_handle = _TrioLoopHandle(token)
+        return trio_handle
     return None
 
 
@@ -124,35 +130,19 @@ def _in_trio_task(trio: Any) -> bool:
     return True
 
 
-def register(account_id: int, callback: Callable[[], None]) -> None:
-    """Call ``callback`` (from a pending call or the delivery thread) when
-    the account breaches.  Starts the delivery thread on first use."""
-    _callbacks[account_id] = callback
-    if _thread is None:
-        _start_thread()
-
-
-def unregister(account_id: int) -> None:
-    _callbacks.pop(account_id, None)
-
-
 def _drain() -> None:
-    for account_id in _core.take_breached():
-        callback = _callbacks.get(account_id)
-        if callback is not None:
-            callback()
+    for callback in _core.take_breached():
+        callback()
 
 
 def _delivery_thread_main() -> None:
     while True:
-        timeout = _WAIT_WHILE_SCOPES_OPEN if _callbacks else _WAIT_WHILE_IDLE
-        if _core.wait_for_breach(timeout):
+        if _core.wait_for_breach(_WAIT):
             _drain()
-        if _callbacks:
-            _core.install()  # puts the hooks back if tracemalloc removed them
+        _core.tick()  # lets the interval rise again; puts lost hooks back
 
 
-def _start_thread() -> None:
+def _start_delivery() -> None:
     global _thread
     with _thread_lock:
         if _thread is not None:
@@ -168,11 +158,12 @@ def _start_thread() -> None:
 
 
 def _forget_thread_after_fork() -> None:
-    # Only the forking thread survives a fork; the next registration in the
+    # Only the forking thread survives a fork: the next loop seen in the
     # child starts a new delivery thread.
-    global _thread, _thread_lock
+    global _thread, _thread_lock, _last_asyncio_handle, _last_trio_handle
     _thread = None
     _thread_lock = threading.Lock()
+    _last_asyncio_handle = _last_trio_handle = None
 
 
 os.register_at_fork(after_in_child=_forget_thread_after_fork)

@@ -37,10 +37,10 @@ from ._accounts import (
     Breach,
     BreachKind,
     Usage,
-    breach_of,
+    breach_from,
     usage_from,
 )
-from ._delivery import LoopHandle, current_loop_handle, register, unregister
+from ._delivery import LoopHandle, current_loop_handle
 from ._exceptions import exception_for
 from ._units import parse_size
 
@@ -140,13 +140,7 @@ class LimitScope:
                 )
             cancel_scope.__enter__()
         try:
-            account = Account(self._memory, self._allocations, loop is not None)
-            try:
-                if loop is not None:
-                    register(account.id, self._on_breach)
-            except BaseException:
-                account.leave()
-                raise
+            account = Account(self._memory, self._allocations)
         except BaseException:
             if cancel_scope is not None:
                 cancel_scope.__exit__(None, None, None)
@@ -157,7 +151,8 @@ class LimitScope:
         if cancel_scope is not None and self._cancel_requested:
             cancel_scope.cancel(self._cancel_reason)
         self._state = _ACTIVE
-        account.enter()  # last: only the body's allocations are charged
+        # Last, so that only the body's allocations are charged.
+        account.enter(self._on_breach if loop is not None else None)
         return self
 
     def __exit__(
@@ -171,13 +166,13 @@ class LimitScope:
         account = self._account
         account.leave()  # first: only the body's allocations are charged
         self._state = _EXITED
-        unregister(account.id)
-        breach = breach_of(account)
+        record = account.breach()
+        breach = None if record is None else breach_from(record)
         self._usage_at_exit = account.usage()  # a Usage is built on demand
         suppressed = False
         cancel_scope = self._cancel_scope
         if cancel_scope is not None:
-            suppressed = bool(cancel_scope.__exit__(exc_type, exc, tb))
+            suppressed = cancel_scope.__exit__(exc_type, exc, tb)
             # Cancelled with no breach and no cancel() call: the deadline did it.
             timed_out = (
                 self._timeout is not None
@@ -226,7 +221,7 @@ class LimitScope:
         """Runs on the scope's own loop thread, between task steps."""
         if self._state != _ACTIVE or self._cancel_scope is None:
             return
-        breach = breach_of(self._account) if self._account is not None else None
+        breach = self.breach
         if breach is None:
             return
         if self._cancel_scope.cancel_called and not self._cancel_requested:
@@ -278,7 +273,8 @@ class LimitScope:
         """What fired, or None.  While the scope is active this is read live
         from the meter (a timeout is only known at exit)."""
         if self._state == _ACTIVE and self._account is not None:
-            return breach_of(self._account)
+            record = self._account.breach()
+            return None if record is None else breach_from(record)
         return self._breach
 
     @property

@@ -7,9 +7,10 @@
  * bytes of the enclosing scopes until it is freed (the closed account stays
  * allocated, by reference count, for as long as such blocks exist).
  *
- * A breach is recorded once per account (the first limit passed) and the
- * account is queued; the queue is drained under the GIL by the Python
- * delivery layer, which is woken in two ways, both allocation-free and safe
+ * A breach is recorded once per account (the first limit passed) and, if a
+ * scope waits for it (an owner with a callback), the account is queued; the
+ * queue is drained under the GIL by the Python delivery layer, which is woken
+ * in two ways, both allocation-free and safe
  * inside an allocator hook: Py_AddPendingCall (runs at the main thread's next
  * eval-breaker check, i.e. within a few bytecodes when the allocating code is
  * on the main thread) and a POSIX semaphore that the delivery thread waits on
@@ -21,7 +22,6 @@
 #include <stdlib.h>
 #include <time.h>
 
-static uint64_t next_account_id = 1;
 static account_t *queue_head = NULL;
 static account_t *queue_tail = NULL;
 static int pending_call_scheduled = 0;
@@ -50,14 +50,12 @@ accounts_after_fork_child(void)
 }
 
 account_t *
-account_new(account_t *parent, int64_t memory_limit, int64_t allocation_limit,
-            int notify)
+account_new(account_t *parent, int64_t memory_limit, int64_t allocation_limit)
 {
     account_t *a = calloc(1, sizeof(account_t));
     if (a == NULL) {
         return NULL;
     }
-    a->id = next_account_id++;
     a->refcnt = 1;
     a->parent = parent;
     if (parent != NULL) {
@@ -65,7 +63,7 @@ account_new(account_t *parent, int64_t memory_limit, int64_t allocation_limit,
     }
     a->memory_limit = memory_limit;
     a->allocation_limit = allocation_limit;
-    a->notify = notify;
+    sampler_relax_if_due();
     if (memory_limit != NO_LIMIT) {
         sampler_limit_opened(memory_limit);
     }
@@ -126,8 +124,8 @@ record_breach(account_t *a, int kind, int64_t limit, int64_t observed)
     a->breach_kind = kind;
     a->breach_limit = limit;
     a->breach_observed = observed;
-    if (!a->notify) {
-        return;  /* read at exit; nobody to wake */
+    if (a->owner == NULL) {
+        return;  /* nobody waits for it: it is read at exit */
     }
     a->queued = 1;
     account_incref(a);
@@ -176,19 +174,18 @@ account_credit(account_t *a, int64_t weight)
 PyObject *
 accounts_take_breached(void)
 {
-    PyObject *ids = PyList_New(0);
-    if (ids == NULL) {
+    PyObject *callbacks = PyList_New(0);
+    if (callbacks == NULL) {
         return NULL;
     }
     while (queue_head != NULL) {
         account_t *a = queue_head;
-        PyObject *id = PyLong_FromUnsignedLongLong(a->id);
-        if (id == NULL || PyList_Append(ids, id) < 0) {
-            Py_XDECREF(id);
-            Py_DECREF(ids);
+        AccountObject *owner = a->owner;
+        if (owner != NULL && owner->on_breach != NULL
+            && PyList_Append(callbacks, owner->on_breach) < 0) {
+            Py_DECREF(callbacks);
             return NULL;
         }
-        Py_DECREF(id);
         queue_head = a->next_queued;
         if (queue_head == NULL) {
             queue_tail = NULL;
@@ -197,7 +194,7 @@ accounts_take_breached(void)
         a->next_queued = NULL;
         account_decref(a);
     }
-    return ids;
+    return callbacks;
 }
 
 void

@@ -61,7 +61,6 @@ enum {
  * child account (parent link), every sampled block charged to it, and the
  * breach queue while it is queued. */
 typedef struct account {
-    uint64_t id;
     Py_ssize_t refcnt;
     struct account *parent;
     int64_t allocated;       /* cumulative bytes allocated (estimate) */
@@ -70,7 +69,8 @@ typedef struct account {
     int64_t memory_limit;    /* NO_LIMIT or bytes */
     int64_t allocation_limit;
     int closed;              /* its scope has exited: count, never breach */
-    int notify;              /* queue breaches for delivery (a loop owns it) */
+    void *owner;             /* AccountObject waiting for breaches (borrowed;
+                                set by enter(on_breach), cleared by leave) */
     int breach_kind;         /* first breach only; sticky */
     int64_t breach_limit;
     int64_t breach_observed;
@@ -79,7 +79,7 @@ typedef struct account {
 } account_t;
 
 account_t *account_new(account_t *parent, int64_t memory_limit,
-                       int64_t allocation_limit, int notify);
+                       int64_t allocation_limit);
 void account_incref(account_t *a);
 void account_decref(account_t *a);
 void account_close(account_t *a);
@@ -87,7 +87,8 @@ void account_close(account_t *a);
 void account_charge(account_t *a, int64_t weight);
 /* Credit `weight` live bytes back to `a` and every ancestor. */
 void account_credit(account_t *a, int64_t weight);
-/* Pop every queued breached account; returns a new list of ids (GIL). */
+/* Pop every queued breached account; returns a new list of the breach
+ * callbacks of those whose scope is still open (GIL). */
 PyObject *accounts_take_breached(void);
 int accounts_wait_for_breach(double timeout);  /* releases the GIL */
 void accounts_set_breach_handler(PyObject *callable);
@@ -113,6 +114,10 @@ void sampler_set_configured(int64_t interval);
 int64_t sampler_configured(void);
 void sampler_limit_opened(int64_t limit);
 void sampler_limit_closed(int64_t limit);
+/* Let R rise again if the smallest limits have closed (GIL); the _if_due
+ * variant does so at most every 0.25 s. */
+void sampler_relax(void);
+void sampler_relax_if_due(void);
 /* Start a fresh countdown for this thread with the current R. */
 void sampler_redraw(thread_meter_t *t);
 /* Called on a thread's first slow path: from now on an interval change
@@ -173,7 +178,8 @@ void hooks_disable_attribution(void);
 typedef struct {
     PyObject_HEAD
     account_t *account;
-    PyObject *token;   /* ContextVar token while entered, else NULL */
+    PyObject *token;      /* ContextVar token while entered, else NULL */
+    PyObject *on_breach;  /* callable while entered with one, else NULL */
 } AccountObject;
 
 #endif /* MEMLIMITS_METER_H */

@@ -75,13 +75,11 @@ context_account(void)
 static PyObject *
 Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"memory_limit", "allocation_limit", "notify",
-                               NULL};
+    static char *keywords[] = {"memory_limit", "allocation_limit", NULL};
     PyObject *memory = Py_None;
     PyObject *allocations = Py_None;
-    int notify = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OOp:Account", keywords,
-                                     &memory, &allocations, &notify)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OO:Account", keywords,
+                                     &memory, &allocations)) {
         return NULL;
     }
     int64_t memory_limit, allocation_limit;
@@ -100,7 +98,7 @@ Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (self == NULL) {
         return NULL;
     }
-    self->account = account_new(parent, memory_limit, allocation_limit, notify);
+    self->account = account_new(parent, memory_limit, allocation_limit);
     if (self->account == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
@@ -108,10 +106,32 @@ Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     return (PyObject *)self;
 }
 
+/* The callback is usually a bound method of the scope that owns this
+ * object, hence a cycle until leave(): the type takes part in GC. */
+static int
+Account_traverse(AccountObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->token);
+    Py_VISIT(self->on_breach);
+    return 0;
+}
+
+static int
+Account_clear(AccountObject *self)
+{
+    if (self->account != NULL) {
+        self->account->owner = NULL;
+    }
+    Py_CLEAR(self->on_breach);
+    Py_CLEAR(self->token);
+    return 0;
+}
+
 static void
 Account_dealloc(AccountObject *self)
 {
-    Py_CLEAR(self->token);
+    PyObject_GC_UnTrack(self);
+    Account_clear(self);
     if (self->account != NULL) {
         account_close(self->account);
         account_decref(self->account);
@@ -124,8 +144,17 @@ Account_dealloc(AccountObject *self)
  * hooks passing through, so that a scope is never charged for its own
  * bookkeeping and only its body's allocations count. */
 static PyObject *
-Account_enter(AccountObject *self, PyObject *Py_UNUSED(ignored))
+Account_enter(AccountObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    PyObject *on_breach = nargs > 0 ? args[0] : Py_None;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "enter() takes at most 1 argument");
+        return NULL;
+    }
+    if (on_breach != Py_None && !PyCallable_Check(on_breach)) {
+        PyErr_SetString(PyExc_TypeError, "on_breach must be callable or None");
+        return NULL;
+    }
     if (self->token != NULL || self->account->closed) {
         PyErr_SetString(PyExc_RuntimeError,
                         "this account was already entered");
@@ -136,6 +165,10 @@ Account_enter(AccountObject *self, PyObject *Py_UNUSED(ignored))
     meter_tls.depth--;
     if (self->token == NULL) {
         return NULL;
+    }
+    if (on_breach != Py_None) {
+        self->on_breach = Py_NewRef(on_breach);
+        self->account->owner = self;
     }
     Py_RETURN_NONE;
 }
@@ -152,6 +185,8 @@ Account_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
         }
         Py_CLEAR(self->token);
     }
+    self->account->owner = NULL;
+    Py_CLEAR(self->on_breach);
     account_close(self->account);
     Py_RETURN_NONE;
 }
@@ -176,12 +211,6 @@ Account_breach(AccountObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-Account_get_id(AccountObject *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromUnsignedLongLong(self->account->id);
-}
-
-static PyObject *
 Account_get_closed(AccountObject *self, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(self->account->closed);
@@ -192,8 +221,10 @@ static PyMethodDef Account_methods[] = {
      "usage() -> (allocated, live, peak_live): estimated bytes."},
     {"breach", (PyCFunction)Account_breach, METH_NOARGS,
      "breach() -> None | (kind, limit, observed): the first limit passed."},
-    {"enter", (PyCFunction)Account_enter, METH_NOARGS,
-     "enter(): make this account current in this context."},
+    {"enter", (PyCFunction)(void (*)(void))Account_enter, METH_FASTCALL,
+     "enter(on_breach=None): make this account current in this context;\n"
+     "on_breach is called (by the delivery layer) if it breaches before\n"
+     "leave()."},
     {"leave", (PyCFunction)Account_leave, METH_NOARGS,
      "leave(): undo enter() (same context) and close the account: it keeps\n"
      "counting the blocks charged to it, and never breaches again."},
@@ -201,7 +232,6 @@ static PyMethodDef Account_methods[] = {
 };
 
 static PyGetSetDef Account_getset[] = {
-    {"id", (getter)Account_get_id, NULL, "Unique id of this account.", NULL},
     {"closed", (getter)Account_get_closed, NULL, "Whether leave() was called.",
      NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -210,14 +240,16 @@ static PyGetSetDef Account_getset[] = {
 static PyTypeObject AccountType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "memlimits_async._meter._core.Account",
-    .tp_doc = PyDoc_STR("Account(memory_limit=None, allocation_limit=None, "
-                        "notify=True)\n\n"
+    .tp_doc = PyDoc_STR("Account(memory_limit=None, allocation_limit=None)"
+                        "\n\n"
                         "What one scope is charged.  Its parent is the account "
                         "current in this context; charges also go to every "
-                        "ancestor.  With notify, a breach is queued for "
-                        "take_breached() and wakes the handler."),
+                        "ancestor."),
     .tp_basicsize = sizeof(AccountObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,  /* not subclassable: hooks test the exact type */
+    /* not subclassable: hooks test the exact type */
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Account_traverse,
+    .tp_clear = (inquiry)Account_clear,
     .tp_new = Account_new,
     .tp_dealloc = (destructor)Account_dealloc,
     .tp_methods = Account_methods,
@@ -227,6 +259,16 @@ static PyTypeObject AccountType = {
 static PyObject *
 meter_install(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
+    if (ensure_hooks() < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+meter_tick(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    sampler_relax();
     if (ensure_hooks() < 0) {
         return NULL;
     }
@@ -251,6 +293,7 @@ meter_set_sampling_interval(PyObject *module, PyObject *arg)
 static PyObject *
 meter_stats(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
+    sampler_relax();
     PyObject *dict = PyDict_New();
     if (dict == NULL) {
         return NULL;
@@ -305,11 +348,14 @@ static PyMethodDef meter_methods[] = {
      "Install the allocator hooks, or install them again, with a\n"
      "RuntimeWarning, if they were removed.  They are never uninstalled.\n"
      "Account() does the same."},
+    {"tick", meter_tick, METH_NOARGS,
+     "Periodic upkeep (the delivery thread, every 0.25 s): let the sampling\n"
+     "interval rise after small limits closed; put lost hooks back."},
     {"set_sampling_interval", meter_set_sampling_interval, METH_O,
      "Set the configured (maximum) mean sampling interval in bytes."},
     {"stats", meter_stats, METH_NOARGS, "Counters of the meter."},
     {"take_breached", meter_take_breached, METH_NOARGS,
-     "Ids of the accounts breached since the last call."},
+     "Breach callbacks of the accounts breached since the last call."},
     {"wait_for_breach", meter_wait_for_breach, METH_O,
      "Block (GIL released) until a breach is queued or timeout passes."},
     {"set_breach_handler", meter_set_breach_handler, METH_O,

@@ -32,9 +32,18 @@ uint64_t sampler_epoch = 1;
 static int64_t configured_interval = DEFAULT_INTERVAL;
 
 /* Open limits, counted by their value rounded down to 4 significant bits.
- * Bucket 0 holds limits of 0 bytes. */
+ * Bucket 0 holds limits of 0 bytes.
+ *
+ * min_bucket is at or below the smallest open limit: it drops at once when a
+ * smaller limit opens (a tighter limit needs its samples now), but it only
+ * rises in sampler_relax(), called from the delivery thread every 0.25 s and,
+ * at most as often, when an account is created (for programs that have no
+ * delivery thread).  So R never flips up and down, expiring every thread's
+ * countdown, when scopes open and close many times a second: it stays at the
+ * smallest limit of the last moments, which only makes estimates better. */
 static Py_ssize_t bucket_counts[N_BUCKETS + 1];
 static int min_bucket = N_BUCKETS + 1;   /* none open */
+static int min_bucket_stale = 0;
 
 static int
 bucket_of(int64_t limit)
@@ -140,8 +149,9 @@ sampler_after_fork_child(void)
 
 /* Send every thread to its slow path at its next allocation, where the
  * stale epoch makes it restart its countdown with the new R.  Writing
- * another thread's countdown is safe: we hold the GIL, and a thread only
- * touches its countdown inside a hook, i.e. with the GIL. */
+ * another thread's countdown is safe: we hold the GIL, and a registered
+ * thread only touches its countdown inside a hook, i.e. with the GIL (only
+ * threads of the main interpreter register; see hooks.c). */
 static void
 expire_all_countdowns(void)
 {
@@ -165,10 +175,17 @@ recompute_interval(void)
             r = adaptive;
         }
     }
-    if (r != sampler_interval) {
+    if (r < sampler_interval) {
+        /* Smaller: every thread adopts it now, for the new limit's sake. */
         sampler_interval = r;
         sampler_epoch++;
         expire_all_countdowns();
+    }
+    else if (r > sampler_interval) {
+        /* Larger: threads adopt it at their next sample.  Until then their
+         * samples keep the weight they were drawn with: unbiased. */
+        sampler_interval = r;
+        sampler_epoch++;
     }
 }
 
@@ -216,11 +233,42 @@ sampler_limit_closed(int64_t limit)
         bucket_counts[b]--;
     }
     if (b == min_bucket && bucket_counts[b] == 0) {
-        while (min_bucket <= N_BUCKETS && bucket_counts[min_bucket] == 0) {
-            min_bucket++;
-        }
-        recompute_interval();
+        min_bucket_stale = 1;
     }
+}
+
+#define RELAX_PERIOD_NS 250000000LL
+
+static int64_t last_relax_ns = 0;
+
+static int64_t
+coarse_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+void
+sampler_relax_if_due(void)
+{
+    if (min_bucket_stale && coarse_now_ns() - last_relax_ns >= RELAX_PERIOD_NS) {
+        sampler_relax();
+    }
+}
+
+void
+sampler_relax(void)
+{
+    last_relax_ns = coarse_now_ns();
+    if (!min_bucket_stale) {
+        return;
+    }
+    min_bucket_stale = 0;
+    while (min_bucket <= N_BUCKETS && bucket_counts[min_bucket] == 0) {
+        min_bucket++;
+    }
+    recompute_interval();
 }
 
 /* ---- random numbers ---- */
