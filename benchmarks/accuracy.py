@@ -25,10 +25,11 @@ simulation anywhere:
 
 Why it is built this way:
 
-* Trials run in 2 worker processes (both cores), started with *spawn*: the
-  meter never uninstalls its hooks, and a forked child inherits its parent's
-  sampler random state, which would make the workers' trials identical
-  instead of independent.
+* Trials run in 2 worker processes (both cores), started with *spawn*, so
+  that each seeds its own sampler.  A forked child inherits the sampler's
+  random state of a parent that has metered anything (the meter's fork
+  handler does not reseed it), and the workers' trials would then be
+  identical instead of independent.
 * "True" bytes of the churn step are calibrated in each worker with the
   meter's exact mode (``configure(sampling_interval=1)``: every allocation
   charged with its exact size), so they mean exactly what the sampled
@@ -51,6 +52,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -63,12 +65,15 @@ from typing import TypeVar
 
 import anyio
 
+_T = TypeVar("_T")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     # Running from a checkout: import the package next to this script.  With
     # spawn, workers receive the parent's sys.path, so this covers them too.
     sys.path.insert(0, str(REPO_ROOT))
 
+import memlimits_async  # noqa: E402
 from memlimits_async import configure, limit_scope, stats  # noqa: E402
 
 KiB = 1024
@@ -87,7 +92,6 @@ CHECKPOINT_EVERY = 8
 """Steps between two ``await anyio.sleep(0)``: where a cancellation lands."""
 BUILDUP_GIVE_UP = 4 * LIMIT
 """A build-up still running here was never stopped: record it and move on."""
-_T = TypeVar("_T")
 
 BYTES_HEADER = sys.getsizeof(b"")
 """Bytes of a ``bytes`` object beyond its payload (33 on 64-bit CPython)."""
@@ -111,6 +115,8 @@ _DOC = json.dumps(
 class Variant:
     """One churn workload: the transient buffer sizes its steps cycle through."""
 
+    key: str
+    """Short name for ``--variant``."""
     name: str
     buffer_sizes: tuple[int, ...]
 
@@ -122,9 +128,9 @@ def _mixed_buffer_sizes() -> tuple[int, ...]:
 
 
 VARIANTS = (
-    Variant("small objects + 16-64 KiB buffers", _mixed_buffer_sizes()),
-    Variant("small objects + 256 KiB buffers", (256 * KiB,)),
-    Variant("small objects + 1 MiB buffers", (1 * MiB,)),
+    Variant("mix", "small objects + 16-64 KiB buffers", _mixed_buffer_sizes()),
+    Variant("256k", "small objects + 256 KiB buffers", (256 * KiB,)),
+    Variant("1m", "small objects + 1 MiB buffers", (1 * MiB,)),
 )
 
 
@@ -193,6 +199,8 @@ def _calibrate() -> Calibration:
 
 @dataclass(frozen=True, slots=True)
 class BuildupResult:
+    """One build-up trial, as seen from outside the scope after it exited."""
+
     stopped: bool
     true_held: int
     """Bytes the task truly held when it was stopped (or gave up)."""
@@ -204,6 +212,8 @@ class BuildupResult:
 
 @dataclass(frozen=True, slots=True)
 class ChurnResult:
+    """One churn trial; any stop is false, since the truth stays below 0.91 L."""
+
     stopped: bool
     stopped_while_building: bool
     true_held: int
@@ -218,6 +228,13 @@ class ChurnResult:
 
 
 async def _buildup_trial() -> BuildupResult:
+    """Append until cancelled; the truth at the stop is measured afterwards.
+
+    Nothing is freed, so the live estimate moves like a counter and the stop
+    point follows the Erlang law of docs/accuracy.md.  The checkpoint every
+    few appends bounds how far the task runs on between the breach and its
+    cancellation.
+    """
     held: list[bytes] = []
     start = time.perf_counter()
     interval = 0
@@ -239,6 +256,11 @@ async def _buildup_trial() -> BuildupResult:
 
 
 async def _churn_trial(variant: Variant, volume: int) -> ChurnResult:
+    """Hold HOLD bytes, then churn ``volume`` bytes through ``variant``'s steps.
+
+    The held structure is built inside the scope on every trial, so its
+    sample count, the main source of false stops, is drawn afresh each time.
+    """
     calibration = _calibrate()
     sizes = variant.buffer_sizes
     held: list[bytes] = []
@@ -481,6 +503,36 @@ def _report_churn(
     return _table(headers, rows)
 
 
+def _false_stop_details(
+    rows: list[tuple[Variant, Calibration, list[ChurnResult]]],
+) -> str:
+    """One line per false stop (at most 10 per variant): what the meter saw."""
+    lines: list[str] = []
+    for variant, _, results in rows:
+        stops = [r for r in results if r.stopped]
+        for r in stops[:10]:
+            lines.append(
+                f"  {variant.key}: stopped after {r.churned / MiB:.0f} MiB churned, "
+                f"estimate {_mib(r.observed)} MiB, true held {_mib(r.true_held)} MiB"
+            )
+    return "\nfalse stops:\n" + "\n".join(lines) if lines else "\nfalse stops: none"
+
+
+def _describe_package() -> str:
+    """Which build is measured: the meter changes, and so could its numbers."""
+    where = Path(memlimits_async.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "not a git checkout"
+    return f"{where} ({commit})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -494,6 +546,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1024,
         help="bytes churned per trial, MiB (1024 = 1 GiB)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        choices=[v.key for v in VARIANTS],
+        help="churn variant to run (repeatable; default: all)",
     )
     parser.add_argument("--workers", type=int, default=2, help="processes (2)")
     parser.add_argument(
@@ -513,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         args.trials, args.buildup_trials, args.volume_mib = 40, 100, 128
     volume = args.volume_mib * MiB
     workers = max(1, args.workers)
+    variants = [v for v in VARIANTS if args.variant is None or v.key in args.variant]
+    if args.trials <= 0:
+        variants = []
 
     command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
     print(f"command: {command}")
@@ -522,22 +583,26 @@ def main(argv: list[str] | None = None) -> int:
         f"backend {args.backend}, {workers} worker processes, "
         f"{os.cpu_count()} CPUs"
     )
+    print(f"package: {_describe_package()}")
     print(f"limit: memory={LIMIT // MiB} MiB; churn holds {HOLD // MiB} MiB\n")
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         # Pilot: one trial of each kind, to time them before committing.
-        pilot_buildup = pool.submit(run_buildup_chunk, 1, args.backend)
+        begin = time.perf_counter()
+        pilot_buildup = pool.submit(
+            run_buildup_chunk, min(1, args.buildup_trials), args.backend
+        )
         pilot_churn = {
             v.name: pool.submit(run_churn_chunk, v, volume, 1, args.backend)
-            for v in VARIANTS
+            for v in variants
         }
         pilot_b = pilot_buildup.result()
         pilot_c = {name: f.result() for name, f in pilot_churn.items()}
         per_trial = {name: res[1][0].seconds for name, res in pilot_c.items()}
         estimate = sum(per_trial.values()) * args.trials / workers
         print(
-            "pilot: one churn trial takes "
+            "pilot: one churn trial (while the other pilots ran) takes "
             + ", ".join(f"{s:.2f} s ({n})" for n, s in per_trial.items())
             + f"; {args.trials} trials per variant need about "
             f"{estimate / 60:.1f} min on {workers} workers"
@@ -563,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
 
         churn_rows: list[tuple[Variant, Calibration, list[ChurnResult]]] = []
         walls: dict[str, float] = {}
-        for variant in VARIANTS:
+        for variant in variants:
             start = time.perf_counter()
             futures = [
                 pool.submit(run_churn_chunk, variant, volume, n, args.backend)
@@ -576,13 +641,17 @@ def main(argv: list[str] | None = None) -> int:
             walls[variant.name] = time.perf_counter() - start + per_trial[variant.name]
             churn_rows.append((variant, calibration, results))
 
-    print("\n(a) steady build-up under memory=10 MiB: true bytes held at the stop\n")
-    print(_report_buildup(buildup, buildup_wall))
-    print(
-        f"\n(b) holding {HOLD // MiB} MiB while churning "
-        f"{volume / GiB:g} GiB under memory=10 MiB: false stops\n"
-    )
-    print(_report_churn(churn_rows, walls))
+    if buildup:
+        print("\n(a) steady build-up under memory=10 MiB: true bytes held at stop\n")
+        print(_report_buildup(buildup, buildup_wall))
+    if churn_rows:
+        print(
+            f"\n(b) holding {HOLD // MiB} MiB while churning "
+            f"{volume / GiB:g} GiB under memory=10 MiB: false stops\n"
+        )
+        print(_report_churn(churn_rows, walls))
+        print(_false_stop_details(churn_rows))
+    print(f"\ntotal wall time: {time.perf_counter() - begin:.0f} s")
     return 0
 
 

@@ -408,7 +408,7 @@ def render(results: list[dict[str, dict[str, Any]]]) -> str:
         "any scope (diagnostic).",
         "(control) allocates nothing: its distance from 1.000 is the noise "
         "floor; it is left out of the geometric means.",
-        f"target: meter geomean <= 1.05 ... {verdict} ({gm['meter']:.3f})",
+        f"target: meter geomean <= 1.05 ... {verdict} ({gm['meter']:.4f})",
         "",
         _evidence(results),
     ]

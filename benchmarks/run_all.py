@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="interpreter to benchmark (repeatable; default: this one)",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run (~15 s)")
+    parser.add_argument("--quick", action="store_true", help="smoke run (~10 s)")
     parser.add_argument(
         "--rounds", type=int, help="interleaved rounds (default: each script's)"
     )

@@ -200,7 +200,7 @@ def render(results: dict[str, list[dict[str, float]]]) -> str:
     lines += [
         "",
         f"target: every limit_scope variant <= {TARGET_RATIO:g}x a bare "
-        f"anyio.CancelScope ... {verdict} (worst median {worst:.2f}x)",
+        f"anyio.CancelScope ... {verdict} (worst median {worst:.3f}x)",
     ]
     return "\n".join(lines)
 

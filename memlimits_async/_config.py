@@ -16,8 +16,9 @@ def configure(*, sampling_interval: int | str | None = None) -> None:
     :param sampling_interval: mean number of bytes between two samples when
         no small limit is in force (default 64 KiB).  While a scope with a
         limit L is open the interval drops to about L/1200 (never below
-        512 bytes, never above this value) so that the limit keeps its
-        accuracy guarantee; see docs/accuracy.md.  ``1`` means exact
+        512 bytes, never above this value), which keeps limits down to about
+        600 KiB within +-20% except with probability < 1e-9; see
+        docs/accuracy.md.  ``1`` means exact
         accounting: every allocation is charged with its exact size (slow;
         meant for tests).
     """

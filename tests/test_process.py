@@ -79,6 +79,39 @@ def test_child_of_fork_meters_and_delivers() -> None:
     assert result.stdout.strip() == "ok"
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_children_draw_their_own_samples() -> None:
+    # Four children of one parent meter the same 5 MB of allocations at the
+    # default 64 KiB interval: about 80 samples each.  With independent draws
+    # two children report the same estimate with probability < 0.05, and all
+    # four the same with P < 1e-9 (false failure).  With shared random state
+    # they always report the same.
+    code = dedent(
+        """
+        import os
+        import memlimits_async as ml
+
+        with ml.limit_scope():
+            pass
+        estimates = []
+        for _ in range(4):
+            read, write = os.pipe()
+            if os.fork() == 0:
+                with ml.limit_scope() as scope:
+                    blocks = [bytes(1000) for _ in range(5000)]
+                os.write(write, str(scope.usage.allocated).encode())
+                os._exit(0)
+            os.close(write)
+            estimates.append(os.read(read, 100).decode())
+            os.wait()
+        print(len(set(estimates)))
+        """
+    )
+    result = run_python("-W", "ignore::DeprecationWarning", "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 1
+
+
 def test_sync_scope_breach_is_not_queued_for_delivery() -> None:
     # Outside a loop nothing drains the delivery queue, so a breached sync
     # scope must not be put on it (it would keep its account alive forever).

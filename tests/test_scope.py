@@ -245,7 +245,8 @@ async def test_inner_scope_cannot_extend_outer() -> None:
     assert outer.breached
     assert not inner.breached
     assert held_bytes(held) < 4 * MIB
-    assert outer.usage.live >= inner.usage.live
+    # Charged to both; allocated only grows, so this holds across exit times.
+    assert outer.usage.allocated >= inner.usage.allocated
 
 
 @pytest.mark.anyio

@@ -101,7 +101,8 @@ typedef struct thread_meter {
     int depth;           /* > 0 while inside one of our hooks */
     int64_t mean;        /* interval the current countdown was drawn with; 0 = new thread */
     uint64_t epoch;      /* value of sampler_epoch at the last draw */
-    uint64_t rng;        /* xorshift64* state */
+    uint64_t rng;        /* xorshift64* state; 0 = seed at next draw */
+    double fraction;     /* countdown minus the real-valued gap, in [0, 1) */
     int registered;      /* linked into the registry of live threads */
     struct thread_meter *prev, *next;
 } thread_meter_t;
@@ -125,7 +126,8 @@ void sampler_redraw(thread_meter_t *t);
 int sampler_register_thread(thread_meter_t *t);
 void sampler_after_fork_child(void);
 int sampler_init(void);
-/* Number of marks that fall in the `overshoot` bytes after the first one. */
+/* Number of marks after the first one in an allocation that reached it
+ * `overshoot` bytes before its end (minus the countdown's rounding). */
 int64_t sampler_extra_marks(thread_meter_t *t, int64_t overshoot);
 int64_t sampler_min_adaptive_interval(void);
 int64_t sampler_samples_per_limit(void);

@@ -11,14 +11,18 @@
  *
  * Effective interval: R = min(configured, max(MIN_ADAPTIVE, L / K)) where L is
  * the smallest limit in force, rounded down to 4 significant bits, and K =
- * SAMPLES_PER_LIMIT.  With K >= 1200 samples per limit, an estimate crosses
- * L before the truth reaches 0.8 L, or has not crossed by 1.2 L, each with
- * probability < 1e-10 (docs/accuracy.md has the computation).
+ * SAMPLES_PER_LIMIT.  With K >= 1200 samples per limit, the estimate of a
+ * monotone count (an allocation limit, or live bytes built up without
+ * frees) crosses L before the truth reaches 0.8 L, or has not crossed it by
+ * 1.2 L, each with probability < 1e-10.  Live bytes that churn get more
+ * chances to cross early; limits below ~600 KiB, where R stops at its
+ * 512-byte floor, get fewer samples.  docs/accuracy.md has the computation.
  */
 #include "meter.h"
 #include <math.h>
 #include <pthread.h>
 #include <time.h>
+#include <unistd.h>
 
 #define SAMPLES_PER_LIMIT 1200
 #define MIN_ADAPTIVE_INTERVAL 512
@@ -141,6 +145,10 @@ sampler_after_fork_child(void)
     pthread_mutex_init(&registry_lock, NULL);
     registry = NULL;
     thread_meter_t *self = &meter_tls;
+    /* Reseed (with the child's pid) and restart the countdown, or every
+     * child of one parent would sample the same bytes. */
+    self->rng = 0;
+    sampler_redraw(self);
     if (self->registered) {
         self->registered = 0;
         sampler_register_thread(self);
@@ -291,8 +299,10 @@ seed_thread(thread_meter_t *t)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     /* seed_counter is shared; a lost update between two threads only makes
      * two seeds depend on the same counter value, still mixed with the
-     * thread's own address and the clock. */
+     * thread's own address, the process id (a forked child must not repeat
+     * its parent's or its siblings' draws) and the clock. */
     uint64_t s = seed_counter ^ (uint64_t)(uintptr_t)t
+                 ^ ((uint64_t)getpid() << 40)
                  ^ ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec;
     seed_counter = splitmix64(&s);
     t->rng = splitmix64(&s) | 1;
@@ -323,8 +333,18 @@ sampler_redraw(thread_meter_t *t)
         t->countdown = 0;
         return;
     }
+    /* The mark is at real position `gap`; an allocation of n bytes reaches
+     * it iff n > gap iff n >= floor(gap) + 1 = countdown.  What the integer
+     * countdown rounds off is kept in `fraction`, so that the marks after
+     * the first are drawn over exactly n - gap bytes. */
     double gap = -log(uniform(t)) * (double)t->mean;
-    t->countdown = gap >= 4e18 ? INT64_MAX : (int64_t)gap + 1;
+    if (gap >= 4e18) {
+        t->countdown = INT64_MAX;
+        t->fraction = 0;
+        return;
+    }
+    t->countdown = (int64_t)gap + 1;
+    t->fraction = (double)t->countdown - gap;
 }
 
 /* Poisson(lam) for lam >= 10: Hoermann's PTRS transformed rejection, as in
@@ -359,10 +379,10 @@ poisson_ptrs(thread_meter_t *t, double lam)
 int64_t
 sampler_extra_marks(thread_meter_t *t, int64_t overshoot)
 {
-    if (overshoot <= 0) {
+    double lam = ((double)overshoot + t->fraction) / (double)t->mean;
+    if (lam <= 0) {
         return 0;
     }
-    double lam = (double)overshoot / (double)t->mean;
     if (lam >= 10) {
         return poisson_ptrs(t, lam);
     }
