@@ -14,7 +14,7 @@
  *    made from inside our own slow path is never metered, so no block is
  *    counted twice and no sample is taken while one is being recorded.
  *  - Fast path: a thread-local subtraction, a branch and a tail call on
- *    allocation; a global load and a filter bit on free.  Everything else
+ *    allocation; a global load and a filter byte on free.  Everything else
  *    (random draws, the ContextVar read, the table) happens once per ~R
  *    sampled bytes.
  *  - No Python code, no exception left set, no GIL acquisition inside a hook

@@ -154,8 +154,7 @@ blocks_filter_index(uintptr_t ptr)
 static inline int
 blocks_maybe_tracked(const void *ptr)
 {
-    size_t bit = blocks_filter_index((uintptr_t)ptr);
-    return blocks_count != 0 && (blocks_filter[bit >> 3] >> (bit & 7)) & 1;
+    return blocks_count != 0 && blocks_filter[blocks_filter_index((uintptr_t)ptr)];
 }
 
 int blocks_insert(uintptr_t ptr, account_t *account, int64_t weight);
