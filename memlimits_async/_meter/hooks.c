@@ -280,12 +280,21 @@ hook_realloc(void *ctx, void *ptr, size_t size)
     return realloc_slow(hook, t, ptr, size, 1);
 }
 
+/* Out of line, so that the free fast path needs no stack frame. */
+static void __attribute__((noinline))
+free_tracked(domain_hook_t *hook, void *ptr)
+{
+    forget(ptr);
+    hook->prev.free(hook->prev.ctx, ptr);
+}
+
 static void
 hook_free(void *ctx, void *ptr)
 {
     domain_hook_t *hook = ctx;
-    if (ptr != NULL && METER_UNLIKELY(blocks_maybe_tracked(ptr))) {
-        forget(ptr);
+    if (METER_UNLIKELY(ptr != NULL && blocks_maybe_tracked(ptr))) {
+        free_tracked(hook, ptr);
+        return;
     }
     hook->prev.free(hook->prev.ctx, ptr);
 }
