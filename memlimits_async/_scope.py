@@ -71,10 +71,25 @@ def _require_bool(value: object, name: str) -> None:
 
 
 class LimitScope:
-    """A scope with a memory budget, an allocation budget and a timeout.
+    """A scope that is cancelled when its tasks pass a budget.
 
-    Create it with :func:`limit_scope`.  Use it once, as ``async with`` or
-    ``with``, in the task (or thread) that runs the work.
+    Create it with ``limit_scope(...)`` (the same class) and use it once, as
+    ``async with`` or ``with``, in the task (or thread) that runs the work.
+
+    :param memory: live bytes the scope's tasks may hold (int, or a string
+        such as ``"50 MiB"``); passing it cancels the scope (``MEMORY``).
+    :param allocations: cumulative bytes the scope's tasks may allocate, a
+        measure of work done; passing it cancels the scope (``ALLOCATIONS``).
+    :param timeout: seconds, like ``anyio.move_on_after`` (``TIMEOUT``).
+    :param shield: protect the body from cancellation by enclosing scopes
+        (its own limits still apply), like ``anyio.CancelScope(shield=True)``.
+    :param raise_on_breach: on exit after a breach, raise the matching
+        :class:`LimitReached` subclass instead of returning normally.
+
+    Usage is charged to this scope and to every enclosing scope, so an inner
+    scope can never extend an outer one.  Tasks started inside the scope
+    (task groups, nurseries, ``asyncio.create_task``) are charged to it: they
+    copy the context that holds its account.
     """
 
     # State that most scopes never change lives on the class: a scope is
@@ -323,35 +338,7 @@ class LimitScope:
         return f"<LimitScope {' '.join(limits) or 'unlimited'} ({status})>"
 
 
-def limit_scope(
-    *,
-    memory: int | str | None = None,
-    allocations: int | str | None = None,
-    timeout: float | None = None,
-    shield: bool = False,
-    raise_on_breach: bool = False,
-) -> LimitScope:
-    """Open a scope that is cancelled when its tasks pass a budget.
-
-    :param memory: live bytes the scope's tasks may hold (int, or a string
-        such as ``"50 MiB"``); passing it cancels the scope (``MEMORY``).
-    :param allocations: cumulative bytes the scope's tasks may allocate, a
-        measure of work done; passing it cancels the scope (``ALLOCATIONS``).
-    :param timeout: seconds, like ``anyio.move_on_after`` (``TIMEOUT``).
-    :param shield: protect the body from cancellation by enclosing scopes
-        (its own limits still apply), like ``anyio.CancelScope(shield=True)``.
-    :param raise_on_breach: on exit after a breach, raise the matching
-        :class:`LimitReached` subclass instead of returning normally.
-
-    Usage is charged to this scope and to every enclosing scope, so an inner
-    scope can never extend an outer one.  Tasks started inside the scope
-    (task groups, nurseries, ``asyncio.create_task``) are charged to it: they
-    copy the context that holds its account.
-    """
-    return LimitScope(
-        memory=memory,
-        allocations=allocations,
-        timeout=timeout,
-        shield=shield,
-        raise_on_breach=raise_on_breach,
-    )
+limit_scope = LimitScope
+"""``limit_scope(...)`` opens a :class:`LimitScope` (the lowercase name reads
+like ``move_on_after`` at call sites; it is the class itself, as with
+``contextlib.suppress``, so creating a scope costs no extra call)."""

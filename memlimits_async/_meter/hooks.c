@@ -346,15 +346,11 @@ hooks_installed(void)
 /* Does an allocation in this domain still reach our hook?  A wrapper
  * installed above us (tracemalloc started later) is fine as long as it calls
  * us; we find out by allocating once and watching our own countdown, which
- * costs nothing on the fast path. */
+ * costs nothing on the fast path, and, unlike PyMem_GetAllocator (which
+ * takes a lock since 3.12), no lock: this runs at every scope entry. */
 static int
 domain_reaches_us(domain_hook_t *hook)
 {
-    PyMemAllocatorEx current;
-    PyMem_GetAllocator(hook->domain, &current);
-    if (current.malloc == hook_malloc && current.ctx == hook) {
-        return 1;
-    }
     thread_meter_t *t = &meter_tls;
     int64_t saved = t->countdown;
     t->countdown = INT64_MAX / 2;
