@@ -102,7 +102,6 @@ class LimitScope:
     _deadline: float = math.inf
     _started_at: float = 0.0
     _breach: Breach | None = None
-    _usage_at_exit: tuple[int, int, int] = (0, 0, 0)
     _cancel_requested: bool = False
     _cancel_reason: str | None = None
     _timeout_came_first: bool = False
@@ -178,12 +177,10 @@ class LimitScope:
     ) -> bool:
         if self._state != _ACTIVE or self._account is None:
             raise RuntimeError("this limit_scope is not active")
-        account = self._account
-        account.leave()  # first: only the body's allocations are charged
+        # First, so that only the body's allocations are charged.
+        record = self._account.leave()
         self._state = _EXITED
-        record = account.breach()
         breach = None if record is None else breach_from(record)
-        self._usage_at_exit = account.usage()  # a Usage is built on demand
         suppressed = False
         cancel_scope = self._cancel_scope
         if cancel_scope is not None:
@@ -300,9 +297,11 @@ class LimitScope:
     @property
     def usage(self) -> Usage:
         """Bytes charged so far (while active) or at exit (afterwards)."""
-        if self._state == _ACTIVE and self._account is not None:
+        if self._account is None:
+            return usage_from((0, 0, 0))
+        if self._state == _ACTIVE:
             return usage_from(self._account.usage())
-        return usage_from(self._usage_at_exit)
+        return usage_from(self._account.usage_at_leave())
 
     @property
     def memory(self) -> int | None:

@@ -10,8 +10,8 @@ import pytest
 
 from helpers import run_python
 
-LEAK_UNTIL_STOPPED = """
-import anyio, sys
+LEAK = """
+import anyio, os, sys
 import memlimits_async as ml
 
 async def leak():
@@ -21,7 +21,9 @@ async def leak():
             held.append(bytes(1024))
             await anyio.sleep(0)
     return scope
+"""
 
+LEAK_UNTIL_STOPPED = LEAK + """
 for backend in ("asyncio", "trio"):
     scope = anyio.run(leak, backend=backend)
     assert scope.breach is not None and scope.breach.kind.name == "MEMORY"
@@ -50,19 +52,8 @@ def test_composes_with_cpython_debug_allocator_hooks(
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_child_of_fork_meters_and_delivers() -> None:
-    code = dedent(
+    code = LEAK + dedent(
         """
-        import os, sys, anyio
-        import memlimits_async as ml
-
-        async def leak():
-            held = []
-            async with ml.limit_scope(memory="2 MiB") as scope:
-                while True:
-                    held.append(bytes(1024))
-                    await anyio.sleep(0)
-            return scope
-
         assert anyio.run(leak).breached       # the parent's delivery thread runs
         with ml.limit_scope(memory="1 GiB"):  # a scope open across the fork
             pid = os.fork()

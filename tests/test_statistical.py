@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 import memlimits_async as ml
-from helpers import KIB, MIB, held_bytes
+from helpers import KIB, MIB, held_bytes, leak_until_cancelled
 
 pytestmark = pytest.mark.statistical
 
@@ -57,9 +57,7 @@ async def test_limit_zero_stops_the_first_allocating_task(kind: str) -> None:
     # P(false failure) = exp(-65536 / 512) = exp(-128) = 2.6e-56.
     held: list[bytes] = []
     async with ml.limit_scope(**{kind: 0}) as scope:  # type: ignore[arg-type]
-        while True:
-            held.append(bytes(KIB))
-            await anyio.sleep(0)
+        await leak_until_cancelled(held)
     assert scope.breach is not None
     assert scope.breach.kind.value == kind
     assert len(held) * KIB <= 64 * KIB
@@ -146,9 +144,7 @@ async def test_steady_buildup_is_stopped_between_8_and_12_mib_under_10_mib() -> 
     # more 4 KiB appends.  P(false failure) < 4.2e-11.
     held: list[bytes] = []
     async with ml.limit_scope(memory="10 MiB") as scope:
-        while True:
-            held.append(bytes(CHUNK))
-            await anyio.sleep(0)
+        await leak_until_cancelled(held, chunk=CHUNK)
     assert scope.breach is not None and scope.breach.kind is ml.BreachKind.MEMORY
     assert 8 * MIB <= held_bytes(held) <= 12 * MIB, held_bytes(held) / MIB
 

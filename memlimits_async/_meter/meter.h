@@ -181,6 +181,7 @@ typedef struct {
     account_t *account;
     PyObject *token;      /* ContextVar token while entered, else NULL */
     PyObject *on_breach;  /* callable while entered with one, else NULL */
+    int64_t left_usage[3];  /* allocated, live, peak_live at leave() */
 } AccountObject;
 
 #endif /* MEMLIMITS_METER_H */

@@ -10,6 +10,8 @@
 static PyTypeObject AccountType;
 static PyObject *current_account_var = NULL;
 
+static PyObject *breach_record(account_t *a);
+
 static int
 parse_limit(PyObject *value, const char *name, int64_t *out)
 {
@@ -185,10 +187,22 @@ Account_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
         }
         Py_CLEAR(self->token);
     }
-    self->account->owner = NULL;
+    account_t *a = self->account;
+    a->owner = NULL;
     Py_CLEAR(self->on_breach);
-    account_close(self->account);
-    Py_RETURN_NONE;
+    account_close(a);
+    self->left_usage[0] = a->allocated;
+    self->left_usage[1] = a->live;
+    self->left_usage[2] = a->peak_live;
+    return breach_record(a);
+}
+
+static PyObject *
+Account_usage_at_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(LLL)", (long long)self->left_usage[0],
+                         (long long)self->left_usage[1],
+                         (long long)self->left_usage[2]);
 }
 
 static PyObject *
@@ -200,14 +214,19 @@ Account_usage(AccountObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-Account_breach(AccountObject *self, PyObject *Py_UNUSED(ignored))
+breach_record(account_t *a)
 {
-    account_t *a = self->account;
     if (a->breach_kind == BREACH_NONE) {
         Py_RETURN_NONE;
     }
     return Py_BuildValue("(iLL)", a->breach_kind, (long long)a->breach_limit,
                          (long long)a->breach_observed);
+}
+
+static PyObject *
+Account_breach(AccountObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return breach_record(self->account);
 }
 
 static PyObject *
@@ -226,8 +245,11 @@ static PyMethodDef Account_methods[] = {
      "on_breach is called (by the delivery layer) if it breaches before\n"
      "leave()."},
     {"leave", (PyCFunction)Account_leave, METH_NOARGS,
-     "leave(): undo enter() (same context) and close the account: it keeps\n"
-     "counting the blocks charged to it, and never breaches again."},
+     "leave() -> breach(): undo enter() (same context) and close the account:\n"
+     "it keeps counting the blocks charged to it, and never breaches again.\n"
+     "Its usage at this moment stays available from usage_at_leave()."},
+    {"usage_at_leave", (PyCFunction)Account_usage_at_leave, METH_NOARGS,
+     "usage_at_leave() -> (allocated, live, peak_live) when leave() ran."},
     {NULL, NULL, 0, NULL},
 };
 
