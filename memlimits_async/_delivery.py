@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 from ._meter import _core
@@ -132,7 +133,19 @@ def _in_trio_task(trio: Any) -> bool:
 
 def _drain() -> None:
     for callback in _core.take_breached():
-        callback()
+        try:
+            callback()
+        except Exception as exc:  # one scope's failure must not cost the others
+            # theirs, nor stop the delivery thread: report it like a finalizer's.
+            sys.unraisablehook(
+                SimpleNamespace(
+                    exc_type=type(exc),
+                    exc_value=exc,
+                    exc_traceback=exc.__traceback__,
+                    err_msg="Exception delivering a memlimits_async breach",
+                    object=callback,
+                )
+            )
 
 
 def _delivery_thread_main() -> None:

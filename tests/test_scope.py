@@ -416,3 +416,33 @@ def test_repr_mentions_limits_and_state() -> None:
     assert "memory=1048576" in repr(scope)
     assert "timeout=2.0" in repr(scope)
     assert "new" in repr(scope)
+
+
+def test_a_failing_breach_callback_does_not_stop_delivery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from memlimits_async._meter import _core
+
+    reported: list[object] = []
+    monkeypatch.setattr("sys.unraisablehook", reported.append)
+
+    async def main() -> ml.LimitScope:
+        held: list[bytes] = []
+        async with ml.limit_scope(memory="2 MiB") as scope:
+            await leak_until_cancelled(held)
+        return scope
+
+    # Every drain first meets a callback that raises: the scope's own must
+    # still run, and the failure be reported, not lost.
+    calls: list[int] = []
+
+    def boom() -> None:
+        calls.append(1)
+        raise RuntimeError("delivery failed")
+
+    original = _core.take_breached
+    monkeypatch.setattr(_core, "take_breached", lambda: [boom, *original()])
+    scope = anyio.run(main)
+    assert scope.breached
+    assert calls
+    assert any("delivery failed" in str(getattr(r, "exc_value", "")) for r in reported)
