@@ -165,8 +165,16 @@ class LimitScope:
         if cancel_scope is not None and self._cancel_requested:
             cancel_scope.cancel(self._cancel_reason)
         self._state = _ACTIVE
-        # Last, so that only the body's allocations are charged.
-        account.enter(self._on_breach if loop is not None else None)
+        try:
+            # Last, so that only the body's allocations are charged.
+            account.enter(self._on_breach if loop is not None else None)
+        except BaseException:
+            account.leave()  # closes it; nothing was made current
+            self._account = self._cancel_scope = self._loop = None
+            self._state = _NEW
+            if cancel_scope is not None:
+                cancel_scope.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(

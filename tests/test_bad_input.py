@@ -86,3 +86,32 @@ def test_unlimited_and_zero_limits_are_valid() -> None:
     assert ml.limit_scope(timeout=0).timeout == 0.0
     assert ml.limit_scope(timeout=math.inf).timeout == math.inf
     assert ml.limit_scope(allocations="1.5 GB").allocations == 1_500_000_000
+
+
+def test_failed_entry_leaves_nothing_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import anyio
+
+    from memlimits_async import _scope
+
+    class FailingAccount:
+        def __init__(self, memory: object, allocations: object) -> None:
+            self.left = False
+
+        def enter(self, on_breach: object) -> None:
+            raise MemoryError("no room for the context")
+
+        def leave(self) -> None:
+            self.left = True
+
+    monkeypatch.setattr(_scope, "Account", FailingAccount)
+
+    async def main() -> None:
+        scope = ml.limit_scope(memory="1 MiB")
+        with pytest.raises(MemoryError):
+            async with scope:
+                pass
+        assert not scope.breached
+        assert _core.current_account.get(None) is None
+        await anyio.sleep(0)  # no cancel scope was left behind in this task
+
+    anyio.run(main)
