@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 
@@ -32,8 +31,21 @@ def parse_size(value: object, *, name: str) -> int:
     or KiB/MiB/GiB/TiB (powers of 1024), case-insensitive.  Errors name the
     argument: ``TypeError`` for a wrong type, ``ValueError`` for a bad value.
     """
-    if isinstance(value, str):
-        return _parse_size_text(value, name)
+    # Exact-type fast paths first: a scope parses its limits on every request.
+    if value.__class__ is int:
+        if value >= 0:
+            return value
+        raise ValueError(f"{name} must not be negative, got {value!r}")
+    if value.__class__ is str:
+        size = _parsed_text.get(value)
+        if size is None:
+            size = _parse_size_text(value, name)
+            if len(_parsed_text) >= 256:  # bounded: limits are a few strings
+                _parsed_text.clear()
+            _parsed_text[value] = size
+        return size
+    if isinstance(value, str):  # a str subclass
+        return _parse_size_text(str(value), name)
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a size in bytes (int or str), not bool")
     if isinstance(value, int | float):
@@ -48,7 +60,10 @@ def parse_size(value: object, *, name: str) -> int:
     )
 
 
-@functools.lru_cache(maxsize=256)  # scopes are opened with the same few strings
+# Scopes are opened with the same few strings, on every request.
+_parsed_text: dict[str, int] = {}
+
+
 def _parse_size_text(text: str, name: str) -> int:
     match = _SIZE_RE.match(text)
     if match is None:

@@ -65,3 +65,27 @@ def test_parse_size_rejects_bad_types(value: object) -> None:
 )
 def test_format_size(size: int, text: str) -> None:
     assert format_size(size) == text
+
+
+def test_parsed_strings_are_remembered_but_errors_still_name_the_argument() -> None:
+    assert (
+        parse_size("7 MiB", name="memory")
+        == parse_size("7 MiB", name="x")
+        == 7 * 1024**2
+    )
+    for name in ("memory", "allocations"):
+        with pytest.raises(ValueError, match=name):
+            parse_size("7 parsecs", name=name)
+
+
+def test_str_and_int_subclasses_are_sizes() -> None:
+    class Text(str):
+        pass
+
+    class Number(int):
+        pass
+
+    assert parse_size(Text("2 KiB"), name="memory") == 2048
+    assert parse_size(Number(5), name="memory") == 5
+    with pytest.raises(ValueError, match="memory"):
+        parse_size(Number(-5), name="memory")

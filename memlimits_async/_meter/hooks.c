@@ -132,7 +132,7 @@ sample(thread_meter_t *t, void *ptr, size_t size, int64_t overshoot)
     account_charge(account, weight);
 }
 
-/* Inside our own slow path (or _core.enter/leave) nothing is metered: a
+/* Inside our own slow path (or Account.enter/leave) nothing is metered: a
  * mark that falls there is dropped by restarting the countdown, which by
  * memorylessness leaves the rest of the process unbiased. */
 static inline void
