@@ -12,19 +12,23 @@ from ._exceptions import (
     LimitReached,
     MemoryLimitReached,
     TimeLimitReached,
+    TokenCancelled,
 )
 from ._scope import LimitScope, limit_scope
+from ._tokens import CancelToken
 from ._units import format_size, parse_size
 
 __all__ = [
     "AllocationLimitReached",
     "Breach",
     "BreachKind",
+    "CancelToken",
     "LimitReached",
     "LimitScope",
     "MemoryLimitReached",
     "MeterStats",
     "TimeLimitReached",
+    "TokenCancelled",
     "Usage",
     "configure",
     "format_size",

@@ -37,6 +37,8 @@ class BreachKind(enum.Enum):
     """Live bytes held by the scope's tasks passed ``memory``."""
     ALLOCATIONS = "allocations"
     """Cumulative bytes allocated by the scope's tasks passed ``allocations``."""
+    TOKEN = "token"
+    """A cancel token watched by the scope was cancelled."""
     TIMEOUT = "timeout"
     """The scope's ``timeout`` expired."""
 

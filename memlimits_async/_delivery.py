@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from ._meter import _core
 
-__all__ = ["LoopHandle", "current_loop_handle"]
+__all__ = ["LoopHandle", "current_loop_handle", "report_unraisable"]
 
 _thread: threading.Thread | None = None
 _thread_lock = threading.Lock()
@@ -131,21 +131,26 @@ def _in_trio_task(trio: Any) -> bool:
     return True
 
 
+def report_unraisable(exc: BaseException, message: str, culprit: object) -> None:
+    """Report an exception that has nowhere to go, like a finalizer's: a
+    callback run for someone else must not cost the others theirs."""
+    sys.unraisablehook(
+        SimpleNamespace(
+            exc_type=type(exc),
+            exc_value=exc,
+            exc_traceback=exc.__traceback__,
+            err_msg=message,
+            object=culprit,
+        )
+    )
+
+
 def _drain() -> None:
     for callback in _core.take_breached():
         try:
             callback()
-        except Exception as exc:  # one scope's failure must not cost the others
-            # theirs, nor stop the delivery thread: report it like a finalizer's.
-            sys.unraisablehook(
-                SimpleNamespace(
-                    exc_type=type(exc),
-                    exc_value=exc,
-                    exc_traceback=exc.__traceback__,
-                    err_msg="Exception delivering a memlimits_async breach",
-                    object=callback,
-                )
-            )
+        except Exception as exc:  # nor stop the delivery thread
+            report_unraisable(exc, "Exception delivering a breach", callback)
 
 
 def _delivery_thread_main() -> None:

@@ -9,6 +9,7 @@ __all__ = [
     "LimitReached",
     "MemoryLimitReached",
     "TimeLimitReached",
+    "TokenCancelled",
     "exception_for",
 ]
 
@@ -34,6 +35,10 @@ class AllocationLimitReached(LimitReached):
     """``allocations`` was passed."""
 
 
+class TokenCancelled(LimitReached):
+    """A cancel token watched by the scope was cancelled."""
+
+
 class TimeLimitReached(LimitReached, TimeoutError):
     """``timeout`` expired."""
 
@@ -41,6 +46,7 @@ class TimeLimitReached(LimitReached, TimeoutError):
 _EXCEPTION_OF_KIND: dict[BreachKind, type[LimitReached]] = {
     BreachKind.MEMORY: MemoryLimitReached,
     BreachKind.ALLOCATIONS: AllocationLimitReached,
+    BreachKind.TOKEN: TokenCancelled,
     BreachKind.TIMEOUT: TimeLimitReached,
 }
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Final
 
@@ -42,6 +43,7 @@ from ._accounts import (
 )
 from ._delivery import LoopHandle, current_loop_handle
 from ._exceptions import exception_for
+from ._tokens import CancelToken
 from ._units import parse_size
 
 __all__ = ["LimitScope", "limit_scope"]
@@ -65,6 +67,24 @@ def _parse_timeout(timeout: object) -> float:
     return float(timeout)
 
 
+def _parse_tokens(token: object) -> tuple[CancelToken, ...]:
+    if isinstance(token, CancelToken):
+        return (token,)
+    if isinstance(token, Iterable) and not isinstance(token, str | bytes):
+        tokens = tuple(token)
+        if all(isinstance(each, CancelToken) for each in tokens):
+            return tokens
+    raise TypeError(
+        f"token must be a CancelToken, an iterable of them, or None, "
+        f"not {type(token).__name__}"
+    )
+
+
+def _token_breach(reason: str | None) -> Breach:
+    text = "token cancelled" if reason is None else f"token cancelled: {reason}"
+    return Breach(BreachKind.TOKEN, None, None, text)
+
+
 def _require_bool(value: object, name: str) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
@@ -81,6 +101,10 @@ class LimitScope:
     :param allocations: cumulative bytes the scope's tasks may allocate, a
         measure of work done; passing it cancels the scope (``ALLOCATIONS``).
     :param timeout: seconds, like ``anyio.move_on_after`` (``TIMEOUT``).
+    :param token: a :class:`CancelToken`, or several: cancelling any of them
+        cancels the scope (``TOKEN``), within one loop iteration even while
+        the task is blocked in ``await``; one cancelled already cancels the
+        scope at once.
     :param shield: protect the body from cancellation by enclosing scopes
         (its own limits still apply), like ``anyio.CancelScope(shield=True)``.
     :param raise_on_breach: on exit after a breach, raise the matching
@@ -105,6 +129,9 @@ class LimitScope:
     _cancel_requested: bool = False
     _cancel_reason: str | None = None
     _timeout_came_first: bool = False
+    _tokens: tuple[CancelToken, ...] = ()
+    _token_unregisters: tuple[Callable[[], None], ...] = ()
+    _delivered: Breach | None = None  # the first breach that cancelled it
 
     def __init__(
         self,
@@ -112,6 +139,7 @@ class LimitScope:
         memory: int | str | None = None,
         allocations: int | str | None = None,
         timeout: float | None = None,
+        token: CancelToken | Iterable[CancelToken] | None = None,
         shield: bool = False,
         raise_on_breach: bool = False,
     ) -> None:
@@ -127,6 +155,8 @@ class LimitScope:
             _require_bool(raise_on_breach, "raise_on_breach")
         self._shield = shield
         self._raise_on_breach = raise_on_breach
+        if token is not None:
+            self._tokens = _parse_tokens(token)
 
     # ---- entering and leaving ----
 
@@ -166,11 +196,15 @@ class LimitScope:
             cancel_scope.cancel(self._cancel_reason)
         self._state = _ACTIVE
         try:
+            if self._tokens and loop is not None:
+                self._watch_tokens()
             # Last, so that only the body's allocations are charged.
             account.enter(self._on_breach if loop is not None else None)
         except BaseException:
+            self._unwatch_tokens()
             account.leave()  # closes it; nothing was made current
             self._account = self._cancel_scope = self._loop = None
+            self._delivered = None
             self._state = _NEW
             if cancel_scope is not None:
                 cancel_scope.__exit__(None, None, None)
@@ -188,7 +222,9 @@ class LimitScope:
         # First, so that only the body's allocations are charged.
         record = self._account.leave()
         self._state = _EXITED
-        breach = None if record is None else breach_from(record)
+        if self._tokens:
+            self._unwatch_tokens()
+        breach = self._delivered or self._undelivered_breach(record)
         suppressed = False
         cancel_scope = self._cancel_scope
         if cancel_scope is not None:
@@ -239,15 +275,55 @@ class LimitScope:
 
     def _cancel_for_breach(self) -> None:
         """Runs on the scope's own loop thread, between task steps."""
-        if self._state != _ACTIVE or self._cancel_scope is None:
-            return
-        breach = self.breach
-        if breach is None:
+        record = self._account.breach() if self._account is not None else None
+        if record is not None:
+            self._deliver(breach_from(record))
+
+    def _watch_tokens(self) -> None:
+        """Cancel on any of the tokens; at once for one cancelled already."""
+        self._token_unregisters = tuple(
+            token.on_cancel(self._on_token) for token in self._tokens
+        )
+        for token in self._tokens:
+            if token.cancelled:
+                self._deliver(_token_breach(token.reason))
+                break
+
+    def _unwatch_tokens(self) -> None:
+        for unregister in self._token_unregisters:
+            unregister()
+        self._token_unregisters = ()
+
+    def _on_token(self, reason: str | None) -> None:
+        """Called in the thread (or signal handler) that cancelled a token."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(
+                lambda: self._deliver(_token_breach(reason))
+            )
+
+    def _deliver(self, breach: Breach) -> None:
+        """On the loop thread: the first breach delivered cancels the scope."""
+        if (
+            self._state != _ACTIVE
+            or self._cancel_scope is None
+            or self._delivered is not None
+        ):
             return
         if self._cancel_scope.cancel_called and not self._cancel_requested:
             self._timeout_came_first = True
             return
+        self._delivered = breach
         self._cancel_scope.cancel(breach.reason)
+
+    def _undelivered_breach(self, record: tuple[int, int, int] | None) -> Breach | None:
+        """A breach that did not reach the loop (or there is no loop): the
+        meter's record, else the first cancelled token."""
+        if record is not None:
+            return breach_from(record)
+        for token in self._tokens:
+            if token.cancelled:
+                return _token_breach(token.reason)
+        return None
 
     def _timeout_breach(self, elapsed: float) -> Breach:
         assert self._timeout is not None
@@ -293,8 +369,7 @@ class LimitScope:
         """What fired, or None.  While the scope is active this is read live
         from the meter (a timeout is only known at exit)."""
         if self._state == _ACTIVE and self._account is not None:
-            record = self._account.breach()
-            return None if record is None else breach_from(record)
+            return self._delivered or self._undelivered_breach(self._account.breach())
         return self._breach
 
     @property

@@ -1,0 +1,141 @@
+"""CancelToken: cancellation at a distance, from any thread or signal handler.
+
+A token is a one-way flag.  ``token.cancel(reason)`` sets it (the first
+reason wins; later calls do nothing) and runs the callbacks registered with
+``on_cancel``; scopes opened with ``limit_scope(token=...)`` register one that
+hands the cancellation to their own event loop.
+
+Invariant, and why there is no lock: ``cancel`` may run in a Python signal
+handler, i.e. in the middle of any bytecode of the main thread, including in
+the middle of another ``cancel`` or ``on_cancel`` on the same token.  A lock
+held by the interrupted code would deadlock it.  So every step that must
+happen once is a single call of a built-in dict method, which the GIL makes
+atomic: ``setdefault`` picks the one winning cancellation, and ``pop`` hands
+each callback to exactly one caller (the winning ``cancel`` or an
+``on_cancel`` that arrives late).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable
+from typing import Final
+
+import anyio
+
+from ._delivery import current_loop_handle, report_unraisable
+
+__all__ = ["CancelToken"]
+
+_CANCELLED: Final = "cancelled"
+
+
+class CancelToken:
+    """A flag that, once cancelled, cancels every scope watching it.
+
+    Create one per unit of work (a request, a job), pass it to
+    ``limit_scope(token=...)``, and call :meth:`cancel` from wherever the
+    decision is made: another task, another thread, a signal handler.
+    """
+
+    __slots__ = ("__weakref__", "_callbacks", "_keys", "_state")
+
+    def __init__(self) -> None:
+        # "cancelled" -> (winner, reason) once cancelled; set by setdefault.
+        self._state: dict[str, tuple[object, str | None]] = {}
+        self._callbacks: dict[int, Callable[[str | None], object]] = {}
+        self._keys = itertools.count()
+
+    def cancel(self, reason: str | None = None) -> bool:
+        """Cancel the token; True if this call did it, False if it already was.
+
+        Idempotent, and the first reason wins.  Safe from any thread and from
+        a signal handler: it takes no lock.  The callbacks run in the calling
+        thread, before this returns.
+        """
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(
+                f"reason must be a str or None, not {type(reason).__name__}"
+            )
+        me = object()
+        if self._state.setdefault(_CANCELLED, (me, reason))[0] is not me:
+            return False
+        for key in list(self._callbacks):
+            self._fire(key)
+        return True
+
+    @property
+    def cancelled(self) -> bool:
+        return _CANCELLED in self._state
+
+    @property
+    def reason(self) -> str | None:
+        """The reason given to the first :meth:`cancel`, or None."""
+        return self._state.get(_CANCELLED, (None, None))[1]
+
+    def on_cancel(self, callback: Callable[[str | None], object]) -> Callable[[], None]:
+        """Call ``callback(reason)`` once, when the token is cancelled (at once
+        if it already is).  Returns a function that unregisters it.
+
+        The callback runs in the thread that cancels, possibly inside a signal
+        handler: it should only hand the work over (``call_soon_threadsafe``,
+        setting a flag), never block or take a lock.
+        """
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        key = next(self._keys)
+        self._callbacks[key] = callback
+        if _CANCELLED in self._state:
+            self._fire(key)  # cancelled meanwhile: whoever pops it runs it
+        return lambda: self._unregister(key)
+
+    def child(self) -> CancelToken:
+        """A token cancelled with this one, which can also be cancelled alone.
+
+        The parent keeps no strong reference to the child: a child that is
+        dropped unregisters itself.
+        """
+        child = CancelToken()
+        child_ref = weakref.ref(child)
+
+        def cancel_child(reason: str | None) -> None:
+            alive = child_ref()
+            if alive is not None:
+                alive.cancel(reason)
+
+        unregister = self.on_cancel(cancel_child)
+        weakref.finalize(child, unregister)
+        return child
+
+    async def wait(self) -> None:
+        """Wait until the token is cancelled (asyncio or trio, any task)."""
+        if self.cancelled:
+            await anyio.lowlevel.checkpoint()
+            return
+        loop = current_loop_handle()
+        if loop is None:
+            raise RuntimeError("CancelToken.wait() must be awaited in a task")
+        event = anyio.Event()
+        unregister = self.on_cancel(lambda reason: loop.call_soon_threadsafe(event.set))
+        try:
+            await event.wait()
+        finally:
+            unregister()
+
+    def _unregister(self, key: int) -> None:
+        self._callbacks.pop(key, None)
+
+    def _fire(self, key: int) -> None:
+        callback = self._callbacks.pop(key, None)
+        if callback is None:
+            return
+        try:
+            callback(self.reason)
+        except Exception as exc:
+            report_unraisable(exc, "Exception in a CancelToken callback", callback)
+
+    def __repr__(self) -> str:
+        if not self.cancelled:
+            return "<CancelToken (active)>"
+        return f"<CancelToken cancelled: {self.reason!r}>"
