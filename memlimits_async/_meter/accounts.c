@@ -127,7 +127,6 @@ record_breach(account_t *a, int kind, int64_t limit, int64_t observed)
     if (a->owner == NULL) {
         return;  /* nobody waits for it: it is read at exit */
     }
-    a->queued = 1;
     account_incref(a);
     a->next_queued = NULL;
     if (queue_tail != NULL) {
@@ -190,7 +189,6 @@ accounts_take_breached(void)
         if (queue_head == NULL) {
             queue_tail = NULL;
         }
-        a->queued = 0;
         a->next_queued = NULL;
         account_decref(a);
     }

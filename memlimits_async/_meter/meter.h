@@ -74,7 +74,6 @@ typedef struct account {
     int breach_kind;         /* first breach only; sticky */
     int64_t breach_limit;
     int64_t breach_observed;
-    int queued;
     struct account *next_queued;
 } account_t;
 

@@ -229,12 +229,6 @@ Account_breach(AccountObject *self, PyObject *Py_UNUSED(ignored))
     return breach_record(self->account);
 }
 
-static PyObject *
-Account_get_closed(AccountObject *self, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(self->account->closed);
-}
-
 static PyMethodDef Account_methods[] = {
     {"usage", (PyCFunction)Account_usage, METH_NOARGS,
      "usage() -> (allocated, live, peak_live): estimated bytes."},
@@ -253,12 +247,6 @@ static PyMethodDef Account_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef Account_getset[] = {
-    {"closed", (getter)Account_get_closed, NULL, "Whether leave() was called.",
-     NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
 static PyTypeObject AccountType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "memlimits_async._meter._core.Account",
@@ -275,7 +263,6 @@ static PyTypeObject AccountType = {
     .tp_new = Account_new,
     .tp_dealloc = (destructor)Account_dealloc,
     .tp_methods = Account_methods,
-    .tp_getset = Account_getset,
 };
 
 static PyObject *
