@@ -14,6 +14,8 @@ from ._exceptions import (
     TimeLimitReached,
     TokenCancelled,
 )
+from ._global_limit import global_memory_limit, set_global_memory_limit
+from ._masking import InterruptSafe, interrupt_safe, is_interrupted, with_resource
 from ._scope import LimitScope, limit_scope
 from ._tokens import CancelToken
 from ._units import format_size, parse_size
@@ -23,6 +25,7 @@ __all__ = [
     "Breach",
     "BreachKind",
     "CancelToken",
+    "InterruptSafe",
     "LimitReached",
     "LimitScope",
     "MemoryLimitReached",
@@ -32,7 +35,12 @@ __all__ = [
     "Usage",
     "configure",
     "format_size",
+    "global_memory_limit",
+    "interrupt_safe",
+    "is_interrupted",
     "limit_scope",
     "parse_size",
+    "set_global_memory_limit",
     "stats",
+    "with_resource",
 ]

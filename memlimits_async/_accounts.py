@@ -23,6 +23,8 @@ __all__ = [
     "BreachKind",
     "Usage",
     "breach_from",
+    "current_account",
+    "interrupted",
     "usage_from",
 ]
 
@@ -37,6 +39,9 @@ class BreachKind(enum.Enum):
     """Live bytes held by the scope's tasks passed ``memory``."""
     ALLOCATIONS = "allocations"
     """Cumulative bytes allocated by the scope's tasks passed ``allocations``."""
+    GLOBAL_MEMORY = "global memory"
+    """The process passed the global memory limit while the scope, which
+    takes part in it (``global_memory=True``), was allocating."""
     TOKEN = "token"
     """A cancel token watched by the scope was cancelled."""
     TIMEOUT = "timeout"
@@ -70,11 +75,13 @@ class Breach:
 _KIND_OF_CODE = {
     _core.BREACH_MEMORY: BreachKind.MEMORY,
     _core.BREACH_ALLOCATIONS: BreachKind.ALLOCATIONS,
+    _core.BREACH_GLOBAL_MEMORY: BreachKind.GLOBAL_MEMORY,
 }
 
 _WHAT_IS_COUNTED = {
     BreachKind.MEMORY: "live",
     BreachKind.ALLOCATIONS: "allocated",
+    BreachKind.GLOBAL_MEMORY: "held by the process",
 }
 
 
@@ -89,6 +96,13 @@ def _byte_breach(code: int, limit: int, observed: int) -> Breach:
     )
     return Breach(kind, limit, observed, reason)
 
+
+current_account = _core.current_account
+"""The ContextVar that holds the account current in a context (or None)."""
+
+interrupted = _core.interrupted
+"""``interrupted()``: True if an account current here, or one of its
+ancestors, was marked with ``account.mark_interrupted()`` and is not left."""
 
 Account = _core.Account
 """An account of the C meter: ``Account(memory_limit, allocation_limit)``, a

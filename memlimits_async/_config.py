@@ -40,7 +40,7 @@ class MeterStats:
     samples: int
     """Samples charged to some scope."""
     unattributed_samples: int
-    """Samples taken outside any scope (not recorded)."""
+    """Samples taken outside any scope (recorded only for the global limit)."""
     dropped_samples: int
     """Samples lost because the block table could not grow (out of memory)."""
     tracked_blocks: int
@@ -54,6 +54,10 @@ class MeterStats:
     min_adaptive_interval: int
     samples_per_limit: int
     """Samples the adaptive interval aims to take per limit."""
+    metered_heap: int
+    """Estimated bytes held in sampled blocks: those allocated inside scopes,
+    and, while a global memory limit is set, outside them too (the global
+    limit's ``"heap"`` measure)."""
 
 
 def stats() -> MeterStats:
@@ -72,4 +76,5 @@ def stats() -> MeterStats:
         configured_sampling_interval=raw["configured_sampling_interval"],
         min_adaptive_interval=raw["min_adaptive_interval"],
         samples_per_limit=raw["samples_per_limit"],
+        metered_heap=max(raw["global_live"], 0),
     )

@@ -19,22 +19,33 @@ call runs in the middle of arbitrary code, exactly like a signal handler.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, Protocol
 
 from ._meter import _core
 
-__all__ = ["LoopHandle", "current_loop_handle", "report_unraisable"]
+__all__ = ["LoopHandle", "current_loop_handle", "report_unraisable", "retry_later"]
 
 _thread: threading.Thread | None = None
 _thread_lock = threading.Lock()
 
 _WAIT = 0.25  # seconds between ticks of the meter (see _core.tick)
+RETRY_PERIOD = 0.002  # seconds between two attempts of a deferred delivery
+
+# Deliveries put off (by an interrupt-safe coroutine) until a later attempt;
+# deque appends and pops are atomic, so the loops and the delivery thread
+# share it without a lock.
+# Entries are (due time, loop, callback), in order of due time.
+_retries: collections.deque[tuple[float, LoopHandle, Callable[[], object]]] = (
+    collections.deque()
+)
 
 
 class LoopHandle(Protocol):
@@ -153,11 +164,29 @@ def _drain() -> None:
             report_unraisable(exc, "Exception delivering a breach", callback)
 
 
+def retry_later(loop: LoopHandle, callback: Callable[[], object]) -> None:
+    """Run ``callback`` on ``loop`` in about :data:`RETRY_PERIOD` seconds."""
+    _start_delivery()
+    _retries.append((time.monotonic() + RETRY_PERIOD, loop, callback))
+    if len(_retries) == 1:
+        _core.wake_delivery_thread()  # it may be in a 0.25 s wait
+
+
 def _delivery_thread_main() -> None:
+    next_tick = time.monotonic()
     while True:
-        if _core.wait_for_breach(_WAIT):
+        wait = _WAIT
+        if _retries:
+            wait = min(wait, max(_retries[0][0] - time.monotonic(), 0.0))
+        if _core.wait_for_breach(wait):
             _drain()
-        _core.tick()  # lets the interval rise again; puts lost hooks back
+        now = time.monotonic()
+        while _retries and _retries[0][0] <= now:
+            _, loop, callback = _retries.popleft()
+            loop.call_soon_threadsafe(callback)
+        if now >= next_tick:
+            _core.tick()  # lets the interval rise again; puts lost hooks back
+            next_tick = time.monotonic() + _WAIT
 
 
 def _start_delivery() -> None:
@@ -181,6 +210,7 @@ def _forget_thread_after_fork() -> None:
     global _thread, _thread_lock, _last_asyncio_handle, _last_trio_handle
     _thread = None
     _thread_lock = threading.Lock()
+    _retries.clear()
     _last_asyncio_handle = _last_trio_handle = None
 
 

@@ -28,7 +28,7 @@ class LimitReached(Exception):
 
 
 class MemoryLimitReached(LimitReached, MemoryError):
-    """``memory`` was passed."""
+    """``memory``, or the global memory limit, was passed."""
 
 
 class AllocationLimitReached(LimitReached):
@@ -46,6 +46,7 @@ class TimeLimitReached(LimitReached, TimeoutError):
 _EXCEPTION_OF_KIND: dict[BreachKind, type[LimitReached]] = {
     BreachKind.MEMORY: MemoryLimitReached,
     BreachKind.ALLOCATIONS: AllocationLimitReached,
+    BreachKind.GLOBAL_MEMORY: MemoryLimitReached,
     BreachKind.TOKEN: TokenCancelled,
     BreachKind.TIMEOUT: TimeLimitReached,
 }

@@ -41,8 +41,9 @@ from ._accounts import (
     breach_from,
     usage_from,
 )
-from ._delivery import LoopHandle, current_loop_handle
+from ._delivery import LoopHandle, current_loop_handle, retry_later
 from ._exceptions import exception_for
+from ._masking import protected_code_waits
 from ._tokens import CancelToken
 from ._units import parse_size
 
@@ -105,8 +106,13 @@ class LimitScope:
         cancels the scope (``TOKEN``), within one loop iteration even while
         the task is blocked in ``await``; one cancelled already cancels the
         scope at once.
+    :param global_memory: take part in the process-wide limit set with
+        :func:`set_global_memory_limit`: while the process is over it, a
+        sample of this scope's allocations stops the scope
+        (``GLOBAL_MEMORY``).
     :param shield: protect the body from cancellation by enclosing scopes
-        (its own limits still apply), like ``anyio.CancelScope(shield=True)``.
+        (its own limits still apply), like ``anyio.CancelScope(shield=True)``;
+        the body is an interrupt-safe region for the scopes around it.
     :param raise_on_breach: on exit after a breach, raise the matching
         :class:`LimitReached` subclass instead of returning normally.
 
@@ -132,6 +138,8 @@ class LimitScope:
     _tokens: tuple[CancelToken, ...] = ()
     _token_unregisters: tuple[Callable[[], None], ...] = ()
     _delivered: Breach | None = None  # the first breach that cancelled it
+    _deferred: Breach | None = None  # held back by interrupt-safe coroutines
+    _global_memory: bool = False
 
     def __init__(
         self,
@@ -140,6 +148,7 @@ class LimitScope:
         allocations: int | str | None = None,
         timeout: float | None = None,
         token: CancelToken | Iterable[CancelToken] | None = None,
+        global_memory: bool = False,
         shield: bool = False,
         raise_on_breach: bool = False,
     ) -> None:
@@ -153,6 +162,9 @@ class LimitScope:
             _require_bool(shield, "shield")
         if raise_on_breach.__class__ is not bool:
             _require_bool(raise_on_breach, "raise_on_breach")
+        if global_memory is not False:
+            _require_bool(global_memory, "global_memory")
+            self._global_memory = global_memory
         self._shield = shield
         self._raise_on_breach = raise_on_breach
         if token is not None:
@@ -184,7 +196,10 @@ class LimitScope:
                 )
             cancel_scope.__enter__()
         try:
-            account = Account(self._memory, self._allocations)
+            if self._global_memory:
+                account = Account(self._memory, self._allocations, True)
+            else:
+                account = Account(self._memory, self._allocations)
         except BaseException:
             if cancel_scope is not None:
                 cancel_scope.__exit__(None, None, None)
@@ -302,18 +317,35 @@ class LimitScope:
             )
 
     def _deliver(self, breach: Breach) -> None:
-        """On the loop thread: the first breach delivered cancels the scope."""
+        """On the loop thread: the first breach delivered cancels the scope,
+        unless a task of the scope is inside an interrupt-safe coroutine:
+        then it is tried again shortly (``_masking``)."""
+        loop = self._loop
         if (
             self._state != _ACTIVE
             or self._cancel_scope is None
+            or self._account is None
+            or loop is None
             or self._delivered is not None
         ):
             return
         if self._cancel_scope.cancel_called and not self._cancel_requested:
             self._timeout_came_first = True
             return
+        if self._deferred is not None and breach is not self._deferred:
+            return  # an earlier breach is waiting for its turn
+        if protected_code_waits(self._account):
+            self._deferred = breach
+            retry_later(loop, self._retry_deferred)
+            return
+        self._deferred = None
         self._delivered = breach
+        self._account.mark_interrupted()
         self._cancel_scope.cancel(breach.reason)
+
+    def _retry_deferred(self) -> None:
+        if self._deferred is not None:
+            self._deliver(self._deferred)
 
     def _undelivered_breach(self, record: tuple[int, int, int] | None) -> Breach | None:
         """A breach that did not reach the loop (or there is no loop): the

@@ -28,6 +28,15 @@ static int pending_call_scheduled = 0;
 static sem_t wakeup;
 static PyObject *breach_handler = NULL;
 
+/* Never freed: its count starts at one reference nobody gives back. */
+account_t global_root = {.refcnt = 1,
+                         .memory_limit = NO_LIMIT,
+                         .allocation_limit = NO_LIMIT,
+                         .closed = 1};
+int64_t global_limit = NO_LIMIT;
+int64_t global_live = 0;
+int64_t global_external = -1;
+
 static int accounts_pending_call(void *unused);
 
 int
@@ -105,6 +114,12 @@ account_close(account_t *a)
     }
 }
 
+void
+accounts_wake_delivery_thread(void)
+{
+    sem_post(&wakeup);
+}
+
 static void
 wake_deliverer(void)
 {
@@ -140,8 +155,40 @@ record_breach(account_t *a, int kind, int64_t limit, int64_t observed)
 }
 
 void
+accounts_set_global_limit(int64_t limit)
+{
+    if (global_limit != NO_LIMIT) {
+        sampler_limit_closed(global_limit);
+    }
+    global_limit = limit;
+    if (limit != NO_LIMIT) {
+        sampler_limit_opened(limit);
+    }
+}
+
+/* The allocating context's innermost open participant, breached. */
+static void
+charge_global(account_t *a)
+{
+    int64_t measure = global_external >= 0 ? global_external : global_live;
+    if (measure <= global_limit) {
+        return;
+    }
+    for (; a != NULL; a = a->parent) {
+        if (a->global_participant && !a->closed) {
+            if (a->breach_kind == BREACH_NONE) {
+                record_breach(a, BREACH_GLOBAL_MEMORY, global_limit, measure);
+            }
+            return;
+        }
+    }
+}
+
+void
 account_charge(account_t *a, int64_t weight)
 {
+    account_t *allocating = a;
+    global_live += weight;
     for (; a != NULL; a = a->parent) {
         a->allocated += weight;
         a->live += weight;
@@ -160,11 +207,15 @@ account_charge(account_t *a, int64_t weight)
                           a->allocated);
         }
     }
+    if (global_limit != NO_LIMIT) {
+        charge_global(allocating);
+    }
 }
 
 void
 account_credit(account_t *a, int64_t weight)
 {
+    global_live -= weight;
     for (; a != NULL; a = a->parent) {
         a->live -= weight;
     }

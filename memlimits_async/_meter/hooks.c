@@ -122,7 +122,10 @@ sample(thread_meter_t *t, void *ptr, size_t size, int64_t overshoot)
     account_t *account = current_account();
     if (account == NULL) {
         stat_unattributed++;
-        return;
+        if (global_limit == NO_LIMIT) {
+            return;
+        }
+        account = &global_root;  /* counts toward the global limit */
     }
     if (blocks_insert((uintptr_t)ptr, account, weight) < 0) {
         stat_dropped++;
@@ -429,6 +432,7 @@ hooks_stats(PyObject *dict)
     SET_STAT(dict, "reinstalls", stat_reinstalls);
     SET_STAT(dict, "samples", stat_samples);
     SET_STAT(dict, "unattributed_samples", stat_unattributed);
+    SET_STAT(dict, "global_live", global_live);
     SET_STAT(dict, "dropped_samples", stat_dropped);
     SET_STAT(dict, "tracked_blocks", blocks_count);
     SET_STAT(dict, "table_capacity", blocks_capacity());

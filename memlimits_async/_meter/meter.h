@@ -50,6 +50,7 @@ enum {
     BREACH_NONE = 0,
     BREACH_MEMORY = 1,
     BREACH_ALLOCATIONS = 2,
+    BREACH_GLOBAL_MEMORY = 3,
 };
 
 #define NO_LIMIT (-1)
@@ -69,6 +70,8 @@ typedef struct account {
     int64_t memory_limit;    /* NO_LIMIT or bytes */
     int64_t allocation_limit;
     int closed;              /* its scope has exited: count, never breach */
+    int global_participant;  /* may be stopped by the global memory limit */
+    int interrupted;         /* a breach was delivered to its scope */
     void *owner;             /* AccountObject waiting for breaches (borrowed;
                                 set by enter(on_breach), cleared by leave) */
     int breach_kind;         /* first breach only; sticky */
@@ -86,10 +89,25 @@ void account_close(account_t *a);
 void account_charge(account_t *a, int64_t weight);
 /* Credit `weight` live bytes back to `a` and every ancestor. */
 void account_credit(account_t *a, int64_t weight);
+
+/* The global memory limit (accounts.c).  Every tracked block counts in
+ * global_live; while a limit is set, samples outside any scope are tracked
+ * too (charged to global_root), so global_live estimates the bytes the
+ * process allocated through the hooked domains since the limit was set and
+ * still holds.  global_external >= 0 replaces that measure (RSS, read by the
+ * Python layer).  Policy: a sample taken while the measure is over the
+ * limit breaches the innermost open participating account of the allocating
+ * context, and nothing else; quiet participants are never stopped. */
+extern account_t global_root;
+extern int64_t global_limit;     /* NO_LIMIT or bytes */
+extern int64_t global_live;
+extern int64_t global_external;  /* -1: measure global_live */
+void accounts_set_global_limit(int64_t limit);
 /* Pop every queued breached account; returns a new list of the breach
  * callbacks of those whose scope is still open (GIL). */
 PyObject *accounts_take_breached(void);
 int accounts_wait_for_breach(double timeout);  /* releases the GIL */
+void accounts_wake_delivery_thread(void);
 void accounts_set_breach_handler(PyObject *callable);
 void accounts_after_fork_child(void);
 int accounts_init(void);

@@ -77,11 +77,13 @@ context_account(void)
 static PyObject *
 Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"memory_limit", "allocation_limit", NULL};
+    static char *keywords[] = {"memory_limit", "allocation_limit",
+                               "global_memory", NULL};
     PyObject *memory = Py_None;
     PyObject *allocations = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OO:Account", keywords,
-                                     &memory, &allocations)) {
+    int global_memory = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OOp:Account", keywords,
+                                     &memory, &allocations, &global_memory)) {
         return NULL;
     }
     int64_t memory_limit, allocation_limit;
@@ -105,6 +107,7 @@ Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
+    self->account->global_participant = global_memory;
     return (PyObject *)self;
 }
 
@@ -229,7 +232,35 @@ Account_breach(AccountObject *self, PyObject *Py_UNUSED(ignored))
     return breach_record(self->account);
 }
 
+static PyObject *
+Account_mark_interrupted(AccountObject *self, PyObject *Py_UNUSED(ignored))
+{
+    self->account->interrupted = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Account_is_within(AccountObject *self, PyObject *other)
+{
+    if (!Py_IS_TYPE(other, &AccountType)) {
+        PyErr_SetString(PyExc_TypeError, "is_within() takes an Account");
+        return NULL;
+    }
+    account_t *ancestor = ((AccountObject *)other)->account;
+    for (account_t *a = self->account; a != NULL; a = a->parent) {
+        if (a == ancestor) {
+            Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef Account_methods[] = {
+    {"mark_interrupted", (PyCFunction)Account_mark_interrupted, METH_NOARGS,
+     "mark_interrupted(): a breach was delivered to this account's scope;\n"
+     "interrupted() is True in its context until it is left."},
+    {"is_within", (PyCFunction)Account_is_within, METH_O,
+     "is_within(account) -> True if account is this one or an ancestor."},
     {"usage", (PyCFunction)Account_usage, METH_NOARGS,
      "usage() -> (allocated, live, peak_live): estimated bytes."},
     {"breach", (PyCFunction)Account_breach, METH_NOARGS,
@@ -335,6 +366,13 @@ meter_wait_for_breach(PyObject *module, PyObject *arg)
 }
 
 static PyObject *
+meter_wake_delivery_thread(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    accounts_wake_delivery_thread();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 meter_set_breach_handler(PyObject *module, PyObject *arg)
 {
     if (arg != Py_None && !PyCallable_Check(arg)) {
@@ -352,7 +390,55 @@ meter_disable_attribution(PyObject *module, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+static PyObject *
+meter_interrupted(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    account_t *a = context_account();
+    if (a == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    for (; a != NULL; a = a->parent) {
+        if (a->interrupted && !a->closed) {
+            Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+meter_set_global_memory_limit(PyObject *module, PyObject *arg)
+{
+    int64_t limit;
+    if (parse_limit(arg, "limit", &limit) < 0) {
+        return NULL;
+    }
+    if (limit != NO_LIMIT && ensure_hooks() < 0) {
+        return NULL;
+    }
+    accounts_set_global_limit(limit);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+meter_set_global_measure(PyObject *module, PyObject *arg)
+{
+    long long measure = PyLong_AsLongLong(arg);
+    if (measure == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    global_external = measure < 0 ? -1 : (int64_t)measure;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef meter_methods[] = {
+    {"interrupted", meter_interrupted, METH_NOARGS,
+     "True if an account of this context (or an ancestor) is marked\n"
+     "interrupted and not yet left."},
+    {"set_global_memory_limit", meter_set_global_memory_limit, METH_O,
+     "Set (bytes) or clear (None) the global memory limit."},
+    {"set_global_measure", meter_set_global_measure, METH_O,
+     "Bytes measured outside the meter (RSS) that replace the metered heap\n"
+     "in the global limit's test; -1 to measure the metered heap again."},
     {"install", meter_install, METH_NOARGS,
      "Install the allocator hooks, or install them again, with a\n"
      "RuntimeWarning, if they were removed.  They are never uninstalled.\n"
@@ -367,6 +453,8 @@ static PyMethodDef meter_methods[] = {
      "Breach callbacks of the accounts breached since the last call."},
     {"wait_for_breach", meter_wait_for_breach, METH_O,
      "Block (GIL released) until a breach is queued or timeout passes."},
+    {"wake_delivery_thread", meter_wake_delivery_thread, METH_NOARGS,
+     "Make a wait_for_breach() in progress return now."},
     {"set_breach_handler", meter_set_breach_handler, METH_O,
      "Callable run on the main thread soon after a breach is queued."},
     {"disable_attribution", meter_disable_attribution, METH_NOARGS,
@@ -411,7 +499,9 @@ PyInit__core(void)
                                  current_account_var) < 0
         || PyModule_AddIntConstant(module, "BREACH_MEMORY", BREACH_MEMORY) < 0
         || PyModule_AddIntConstant(module, "BREACH_ALLOCATIONS",
-                                   BREACH_ALLOCATIONS) < 0) {
+                                   BREACH_ALLOCATIONS) < 0
+        || PyModule_AddIntConstant(module, "BREACH_GLOBAL_MEMORY",
+                                   BREACH_GLOBAL_MEMORY) < 0) {
         Py_DECREF(module);
         return NULL;
     }
