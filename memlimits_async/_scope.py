@@ -242,29 +242,34 @@ class LimitScope:
         breach = self._delivered or self._undelivered_breach(record)
         suppressed = False
         cancel_scope = self._cancel_scope
-        if cancel_scope is not None:
-            suppressed = cancel_scope.__exit__(exc_type, exc, tb)
-            # Cancelled with no breach and no cancel() call: the deadline did it.
-            timed_out = (
-                self._timeout is not None
-                and cancel_scope.cancel_called
-                and (
-                    self._timeout_came_first
-                    or (breach is None and not self._cancel_requested)
-                )
-            )
-        else:
-            timed_out = (
-                self._timeout is not None
-                and breach is None
-                and time.monotonic() >= self._deadline
-            )
-        if timed_out:
-            breach = self._timeout_breach(self._now() - self._started_at)
-        self._breach = breach
+        try:
+            if cancel_scope is not None:
+                # May raise: trio strips its Cancelled out of an exception
+                # group and raises what is left.  The breach is kept anyway.
+                suppressed = cancel_scope.__exit__(exc_type, exc, tb)
+        finally:
+            self._breach = breach = self._final_breach(breach, cancel_scope)
         if breach is not None and self._raise_on_breach and (exc is None or suppressed):
             raise exception_for(breach) from None
         return suppressed
+
+    def _final_breach(
+        self, breach: Breach | None, cancel_scope: anyio.CancelScope | None
+    ) -> Breach | None:
+        """The breach to report, the timeout included (known only now)."""
+        if self._timeout is None:
+            return breach
+        if cancel_scope is not None:
+            # Cancelled with no breach and no cancel() call: the deadline did it.
+            timed_out = cancel_scope.cancel_called and (
+                self._timeout_came_first
+                or (breach is None and not self._cancel_requested)
+            )
+        else:
+            timed_out = breach is None and time.monotonic() >= self._deadline
+        if timed_out:
+            return self._timeout_breach(self._now() - self._started_at)
+        return breach
 
     async def __aenter__(self) -> LimitScope:
         return self.__enter__()

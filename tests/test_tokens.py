@@ -266,3 +266,29 @@ def test_sync_scope_reports_a_token_cancelled_meanwhile() -> None:
 def test_bad_token_is_a_type_error_naming_it(bad: object) -> None:
     with pytest.raises(TypeError, match="token"):
         ml.limit_scope(token=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_breach_is_kept_when_a_foreign_error_group_leaves_the_scope() -> None:
+    # trio's cancel scope re-raises an exception group without its Cancelled
+    # from __exit__: the scope must record its breach all the same.
+    token = ml.CancelToken()
+
+    async def converts_cancellation() -> None:
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            raise ConnectionError("reset") from None
+
+    async def stays_cancelled() -> None:
+        await anyio.sleep_forever()
+
+    with pytest.raises(ExceptionGroup) as caught:
+        async with ml.limit_scope(token=token) as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(converts_cancellation)
+                tg.start_soon(stays_cancelled)
+                await anyio.sleep(0.01)
+                token.cancel("gone")
+    assert caught.group_contains(ConnectionError)
+    assert scope.breach is not None and scope.breach.reason.endswith("gone")
