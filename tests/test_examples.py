@@ -32,3 +32,45 @@ def test_demo_reports_each_kind_of_stop() -> None:
         assert lines["steady"].endswith("finished")
         assert lines["churner"].endswith("ALLOCATIONS")
         assert lines["sleepy"].endswith("TIMEOUT")
+
+
+def request_outcomes(output: str) -> dict[str, str]:
+    """``request <name>: finished ...`` / ``request <name>: stopped ...`` lines,
+    by request name (each request ends exactly once)."""
+    outcomes: dict[str, str] = {}
+    for line in output.splitlines():
+        if not line.startswith("request "):
+            continue
+        name, _, event = line.removeprefix("request ").partition(": ")
+        if event.startswith(("finished", "stopped")):
+            assert name not in outcomes, f"request {name} ended twice"
+            outcomes[name] = event
+    return outcomes
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_server_example_stops_the_right_requests(backend: str) -> None:
+    script = next(path for path in EXAMPLES if path.name == "server_tokens.py")
+    result = run_python(str(script), "--backend", backend)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    outcomes = request_outcomes(result.stdout)
+    by_admin = "token cancelled: too slow, cancelled by an administrator"
+
+    assert outcomes["normal"].startswith("finished (40 rounds")
+    assert outcomes["abandoned"].startswith(
+        "stopped TOKEN (token cancelled: client disconnected)"
+    )
+    assert outcomes["leaky"].startswith("stopped MEMORY (memory limit of 4 MiB")
+    assert outcomes["concurrent"].startswith("finished (300 rounds")
+    assert outcomes["long"].startswith(f"stopped TOKEN ({by_admin})")
+    assert outcomes["late"].startswith(
+        "stopped TOKEN (token cancelled: server shutting down)"
+    )
+    assert all(", peak " in event for event in outcomes.values())
+    # Each client got its reply, except the one that left.
+    assert any(line.startswith("client normal: got 'DONE") for line in lines)
+    assert any(line.startswith("client concurrent: got 'DONE") for line in lines)
+    assert f"client long: got 'STOPPED long TOKEN {by_admin}'" in lines
+    assert not any(line.startswith("client abandoned: got") for line in lines)
+    assert lines[-1] == "server: stopped"

@@ -6,7 +6,8 @@ import asyncio
 import functools
 import inspect
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -162,10 +163,10 @@ async def _agen(n: int) -> AsyncIterator[int]:
 
 
 @pytest.mark.parametrize("function", [_plain, _gen, _coro, _agen])
-def test_decorator_returns_the_function_itself(function: object) -> None:
-    signature = inspect.signature(function)  # type: ignore[arg-type]
-    assert ml.interrupt_safe(function) is function  # type: ignore[call-overload]
-    assert inspect.signature(function) == signature  # type: ignore[arg-type]
+def test_decorator_returns_the_function_itself(function: Callable[..., Any]) -> None:
+    signature = inspect.signature(function)
+    assert ml.interrupt_safe(function) is function
+    assert inspect.signature(function) == signature
 
 
 def test_decorated_sync_code_and_generators_are_protected_frames() -> None:
@@ -467,3 +468,38 @@ async def test_marked_code_in_a_task_outside_the_scope_does_not_hold_it() -> Non
             await anyio.sleep(1)
         log.append("scope stopped")
     assert log == ["scope stopped", "cleanup done"] and scope.breached
+
+
+# ---- native trio ----
+
+
+def test_region_and_marked_coroutine_on_native_trio() -> None:
+    import trio
+
+    log: list[str] = []
+
+    @ml.interrupt_safe
+    async def marked(token: ml.CancelToken) -> None:
+        token.cancel()
+        for _ in range(5):
+            await trio.sleep(0.001)
+        log.append("marked done")
+
+    async def main() -> tuple[ml.LimitScope, ml.LimitScope]:
+        first_token, second_token = ml.CancelToken(), ml.CancelToken()
+        async with ml.limit_scope(token=first_token) as first:
+            async with ml.interrupt_safe():
+                first_token.cancel()
+                await trio.sleep(0.005)
+                log.append("region done")
+            log.append("never")
+        async with ml.limit_scope(token=second_token) as second:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(marked, second_token)
+            await trio.sleep(1)
+            log.append("never")
+        return first, second
+
+    first, second = trio.run(main)
+    assert log == ["region done", "marked done"]
+    assert first.breached and second.breached

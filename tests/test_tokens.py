@@ -292,3 +292,46 @@ async def test_breach_is_kept_when_a_foreign_error_group_leaves_the_scope() -> N
                 token.cancel("gone")
     assert caught.group_contains(ConnectionError)
     assert scope.breach is not None and scope.breach.reason.endswith("gone")
+
+
+@pytest.mark.anyio
+async def test_cancel_message_carries_the_token_reason(anyio_backend: str) -> None:
+    token = ml.CancelToken()
+    seen: list[str] = []
+    async with ml.limit_scope(token=token) as scope:
+        token.cancel("admin stopped req-7")
+        try:
+            await anyio.sleep(1)
+        except anyio.get_cancelled_exc_class() as exc:
+            seen.append(str(exc))
+            raise
+    assert scope.breach is not None
+    assert scope.breach.reason == "token cancelled: admin stopped req-7"
+    if anyio_backend == "trio":  # asyncio's CancelledError has no message here
+        assert "admin stopped req-7" in seen[0]
+
+
+@pytest.mark.anyio
+async def test_scopes_watching_child_tokens_stop_when_the_tree_is_cancelled() -> None:
+    server = ml.CancelToken()
+    requests = [server.child() for _ in range(3)]
+    stopped: list[str] = []
+
+    async def handle(name: str, token: ml.CancelToken) -> None:
+        async with ml.limit_scope(token=token) as scope:
+            await anyio.sleep_forever()
+        assert scope.breach is not None
+        stopped.append(f"{name}: {scope.breach.reason}")
+
+    async with anyio.create_task_group() as tg:
+        for index, token in enumerate(requests):
+            tg.start_soon(handle, f"r{index}", token)
+        await anyio.sleep(0.01)
+        requests[1].cancel("client went away")  # one request alone
+        await anyio.sleep(0.01)
+        assert stopped == ["r1: token cancelled: client went away"]
+        server.cancel("shutdown")  # the rest through the parent
+    assert sorted(stopped[1:]) == [
+        "r0: token cancelled: shutdown",
+        "r2: token cancelled: shutdown",
+    ]
