@@ -93,9 +93,7 @@ async def main() -> None:
         for job in JOBS:
             tg.start_soon(run, job)
 
-    header = (
-        f"{'task':<8} {'budget':<48} {'allocated':>10} {'peak live':>10}  outcome"
-    )
+    header = f"{'task':<8} {'budget':<48} {'allocated':>10} {'peak live':>10}  outcome"
     print(header)
     print("-" * len(header))
     for name, budget, scope, result in sorted(rows):
@@ -106,6 +104,7 @@ async def main() -> None:
             f"{ml.format_size(usage.peak_live):>10}  {outcome}"
         )
         print(f"{'':<8} -> {scope.breach.reason if scope.breach else result}")
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -23,7 +23,9 @@ async def leak():
     return scope
 """
 
-LEAK_UNTIL_STOPPED = LEAK + """
+LEAK_UNTIL_STOPPED = (
+    LEAK
+    + """
 for backend in ("asyncio", "trio"):
     scope = anyio.run(leak, backend=backend)
     assert scope.breach is not None and scope.breach.kind.name == "MEMORY"
@@ -34,6 +36,7 @@ with ml.limit_scope() as scope:
 assert scope.usage.live == sys.getsizeof(block), scope.usage
 print("ok")
 """
+)
 
 
 @pytest.mark.parametrize("mode", ["PYTHONMALLOC=debug", "-X dev"])
