@@ -242,13 +242,17 @@ class LimitScope:
         breach = self._delivered or self._undelivered_breach(record)
         suppressed = False
         cancel_scope = self._cancel_scope
-        try:
-            if cancel_scope is not None:
-                # May raise: trio strips its Cancelled out of an exception
-                # group and raises what is left.  The breach is kept anyway.
+        if cancel_scope is not None:
+            try:
                 suppressed = cancel_scope.__exit__(exc_type, exc, tb)
-        finally:
-            self._breach = breach = self._final_breach(breach, cancel_scope)
+            except BaseException:
+                # trio strips its Cancelled out of an exception group and
+                # raises what is left: the breach is kept all the same.
+                self._breach = self._final_breach(breach, cancel_scope)
+                raise
+        if self._timeout is not None:
+            breach = self._final_breach(breach, cancel_scope)
+        self._breach = breach
         if breach is not None and self._raise_on_breach and (exc is None or suppressed):
             raise exception_for(breach) from None
         return suppressed
