@@ -23,7 +23,6 @@ policy, enforced by the C meter (``charge_global`` in accounts.c):
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from typing import Final, Literal
@@ -72,8 +71,13 @@ def set_global_memory_limit(
             "rss_poll_interval must be a number of seconds, not "
             f"{type(rss_poll_interval).__name__}"
         )
-    if not (math.isfinite(rss_poll_interval) and rss_poll_interval > 0):
-        raise ValueError(f"rss_poll_interval must be > 0, got {rss_poll_interval!r}")
+    # Not math.isfinite: it overflows on a huge int.  The poller waits with
+    # a lock timeout, which must not exceed threading.TIMEOUT_MAX.
+    if not (0 < rss_poll_interval <= threading.TIMEOUT_MAX):
+        raise ValueError(
+            f"rss_poll_interval must be > 0 and at most threading.TIMEOUT_MAX "
+            f"seconds, got {rss_poll_interval!r}"
+        )
     global _limit, _measure, _poller
     with _lock:
         first_rss = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NoReturn
 
 __all__ = ["format_size", "parse_size"]
 
@@ -33,9 +34,11 @@ def parse_size(value: object, *, name: str) -> int:
     """
     # Exact-type fast paths first: a scope parses its limits on every request.
     if value.__class__ is int:
-        if value >= 0:
+        if 0 <= value <= 0x7FFF_FFFF_FFFF_FFFF:  # _MAX_SIZE, folded
             return value
-        raise ValueError(f"{name} must not be negative, got {value!r}")
+        if value < 0:
+            raise ValueError(f"{name} must not be negative, got {value!r}")
+        return _too_large(value, name)
     if value.__class__ is str:
         size = _parsed_text.get(value)
         if size is None:
@@ -49,15 +52,30 @@ def parse_size(value: object, *, name: str) -> int:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a size in bytes (int or str), not bool")
     if isinstance(value, int | float):
-        if math.isnan(value) or math.isinf(value):
+        if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
             raise ValueError(f"{name} must be a finite size, got {value!r}")
         if value < 0:
             raise ValueError(f"{name} must not be negative, got {value!r}")
-        return int(value)
+        return _checked(int(value), value, name)
     raise TypeError(
         f"{name} must be a size in bytes (int, or str like '50 MiB'), "
         f"not {type(value).__name__}"
     )
+
+
+# The meter counts bytes in 64-bit signed integers (8 EiB).
+_MAX_SIZE = 2**63 - 1
+
+
+def _checked(size: int, given: object, name: str) -> int:
+    """``size`` (>= 0), parsed from ``given``, if the meter can count it."""
+    if size <= _MAX_SIZE:
+        return size
+    return _too_large(given, name)
+
+
+def _too_large(given: object, name: str) -> NoReturn:
+    raise ValueError(f"{name} must be at most 2**63 - 1 bytes, got {given!r}")
 
 
 # Scopes are opened with the same few strings, on every request.
@@ -77,16 +95,32 @@ def _parse_size_text(text: str, name: str) -> int:
         raise ValueError(f"{name} has an unknown unit {unit!r} (known: {known})")
     digits = digits.replace("_", "")
     if "." in digits:
-        return int(float(digits) * multiplier)
-    return int(digits) * multiplier  # exact, however large
+        size = float(digits) * multiplier
+        if size > _MAX_SIZE:  # also inf, for hundreds of digits
+            _too_large(text, name)
+        return int(size)
+    if len(digits.lstrip("0")) > 19:  # >= 10**19: too large, and int() of
+        _too_large(text, name)  # thousands of digits would refuse on its own
+    return _checked(int(digits) * multiplier, text, name)  # exact
 
 
 def format_size(size: int) -> str:
     """``1536`` -> ``'1.5 KiB'``; binary units, three significant digits."""
+    if size.__class__ is not int and (
+        isinstance(size, bool) or not isinstance(size, int)
+    ):
+        raise TypeError(f"size must be an int (bytes), not {type(size).__name__}")
     magnitude = abs(size)
     for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2)):
         if magnitude >= factor:
-            return f"{size / factor:.3g} {unit}"
+            return _three_digits(size / factor, unit)
     if magnitude >= 1024:
-        return f"{size / 1024:.3g} KiB"
+        return _three_digits(size / 1024, "KiB")
     return f"{size} B"
+
+
+def _three_digits(value: float, unit: str) -> str:
+    text = f"{value:.3g}"
+    if "e" in text:  # 999.5 and up: "1e+03 MiB" would not read back
+        text = f"{value:.0f}"
+    return f"{text} {unit}"
