@@ -21,13 +21,14 @@ def _scripts(page: str) -> list[str]:
 
 SCRIPTS = [
     pytest.param(page, index, script, id=f"{page}#{index}")
-    for page in ("recovering.md",)
+    for page in ("recovering.md", "supervision.md")
     for index, script in enumerate(_scripts(page))
 ]
 
 
 def test_the_guide_has_runnable_examples() -> None:
     assert len(_scripts("recovering.md")) >= 5
+    assert len(_scripts("supervision.md")) >= 2
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

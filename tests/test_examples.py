@@ -74,3 +74,34 @@ def test_server_example_stops_the_right_requests(backend: str) -> None:
     assert f"client long: got 'STOPPED long TOKEN {by_admin}'" in lines
     assert not any(line.startswith("client abandoned: got") for line in lines)
     assert lines[-1] == "server: stopped"
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_supervised_workers_restart_the_leaky_jobs_worker_alone(backend: str) -> None:
+    script = next(path for path in EXAMPLES if path.name == "supervised_workers.py")
+    result = run_python(str(script), "--backend", backend)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    events = [
+        line.removeprefix("event pool: ") for line in lines if line.startswith("event ")
+    ]
+    workers = [f"worker-{number}" for number in range(1, 5)]
+    assert events[:4] == [f"{worker} started" for worker in workers]
+    (breach,) = [event for event in events if " breached " in event]
+    worker = breach.split()[0]
+    assert breach.startswith(f"{worker} breached MEMORY: memory limit of 4 MiB")
+    assert events[events.index(breach) + 1] == f"{worker} restarted"
+    assert [event for event in events if "restarted" in event] == [
+        f"{worker} restarted"
+    ]
+    assert not [event for event in events if "crashed" in event or "gave up" in event]
+    # The shutdown: every worker, in reverse start order.
+    assert events[-4:] == [f"{worker} stopped" for worker in reversed(workers)]
+    finished = [line for line in lines if ": finished by worker-" in line]
+    jobs = sorted(int(line.split()[1].rstrip(":")) for line in finished)
+    assert jobs == [job for job in range(1, 25) if job != 13]  # each exactly once
+    assert any(line.startswith(f"job 13: stopped with {worker}") for line in lines)
+    assert lines[-1] == (
+        "summary: 23 of 24 jobs finished, each once; stopped by a budget: job 13; "
+        f"restarted: {worker} x1"
+    )
