@@ -1,6 +1,9 @@
 """Build the C meter.  Everything else is in pyproject.toml.
 
 MEMLIMITS_WERROR=1 (set by CI) turns compiler warnings into errors.
+MEMLIMITS_SANITIZE=address,undefined (set by tools/check-native.sh) builds
+with those -fsanitize= checks, -O1 and frame pointers; such a build must be
+run with the sanitizer runtime preloaded (the script does it).
 """
 
 import os
@@ -18,8 +21,28 @@ compile_args = [
     "-fvisibility=hidden",
     "-std=gnu11",
 ]
+link_args: list[str] = []
 if os.environ.get("MEMLIMITS_WERROR") == "1":
     compile_args.append("-Werror")
+sanitize = os.environ.get("MEMLIMITS_SANITIZE", "")
+if sanitize:
+    # After Python's own -O3, -DNDEBUG and -fno-strict-overflow: these win
+    # (the last one would make signed overflow defined, hence unchecked).
+    compile_args += [
+        f"-fsanitize={sanitize}",
+        "-fno-omit-frame-pointer",
+        "-fno-optimize-sibling-calls",
+        "-g",
+        "-O1",
+        "-UNDEBUG",
+        "-fstrict-overflow",
+        # Undefined behaviour executes a trap (SIGILL) instead of printing
+        # from libubsan, whose messages cannot be sent to a log file when
+        # libasan is preloaded: ASan's report of the SIGILL (its log, a stack
+        # through the meter) catches it in every process, children included.
+        "-fsanitize-undefined-trap-on-error",
+    ]
+    link_args.append(f"-fsanitize={sanitize}")
 
 setup(
     ext_modules=[
@@ -31,9 +54,11 @@ setup(
                 "memlimits_async/_meter/accounts.c",
                 "memlimits_async/_meter/blocks.c",
                 "memlimits_async/_meter/sampler.c",
+                "memlimits_async/_meter/interrupts.c",
             ],
             depends=["memlimits_async/_meter/meter.h"],
             extra_compile_args=compile_args,
+            extra_link_args=link_args,
             libraries=["m"],
         )
     ]

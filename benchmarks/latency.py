@@ -375,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     print(render(collect(backends, args.rounds, args.n, args.n_thread)))
+    # Then the same cancellation of code that never awaits (preemption).
+    import preempt_latency
+
+    print()
+    print(preempt_latency.render(preempt_latency.collect(60 if args.quick else 200)))
     return 0
 
 

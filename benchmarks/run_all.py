@@ -2,13 +2,15 @@
 
 ``python benchmarks/run_all.py`` runs ``overhead.py`` (what the meter costs an
 allocation-heavy program), then ``scope_cost.py`` (what entering and leaving
-a ``limit_scope`` costs) and ``latency.py`` (how soon a cancelled token stops
-a task blocked in ``await``), each with the interpreter given by ``--python``
+a ``limit_scope`` costs), ``latency.py`` (how soon a cancelled token stops
+a task blocked in ``await``) and ``groups.py`` (what budgeted children of a
+task group cost), each with the interpreter given by ``--python``
 (repeatable; default: the one running this script), so one command covers
 several CPython versions.  Each benchmark runs as a child process of its own:
 ``overhead.py`` needs fresh interpreters anyway (the allocator hooks are never
 uninstalled), and ``scope_cost.py`` and ``latency.py`` must run in the
-interpreter they measure.
+interpreter they measure (``groups.py`` also starts fresh ones of it to
+measure memory).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("overhead.py", "scope_cost.py", "latency.py")
+BENCHMARKS = ("overhead.py", "scope_cost.py", "latency.py", "groups.py")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,41 +6,81 @@ folder for the guide.
 """
 
 from ._accounts import Breach, BreachKind, Usage
+from ._budget import Budget
 from ._config import MeterStats, configure, stats
 from ._exceptions import (
     AllocationLimitReached,
     LimitReached,
     MemoryLimitReached,
+    Preempted,
     TimeLimitReached,
     TokenCancelled,
 )
 from ._global_limit import global_memory_limit, set_global_memory_limit
+from ._groups import (
+    BudgetedTaskGroup,
+    ChildCancelled,
+    ChildHandle,
+    ChildInfo,
+    ChildStatus,
+    create_task_group,
+)
 from ._masking import InterruptSafe, interrupt_safe, is_interrupted, with_resource
 from ._scope import LimitScope, limit_scope
+from ._supervisor import (
+    Backoff,
+    ChildSpec,
+    EventKind,
+    Restart,
+    Strategy,
+    Supervisor,
+    SupervisorEvent,
+    SupervisorGaveUp,
+    trap_shutdown,
+)
+from ._threads import run_sync
 from ._tokens import CancelToken
 from ._units import format_size, parse_size
 
 __all__ = [
     "AllocationLimitReached",
+    "Backoff",
     "Breach",
     "BreachKind",
+    "Budget",
+    "BudgetedTaskGroup",
     "CancelToken",
+    "ChildCancelled",
+    "ChildHandle",
+    "ChildInfo",
+    "ChildSpec",
+    "ChildStatus",
+    "EventKind",
     "InterruptSafe",
     "LimitReached",
     "LimitScope",
     "MemoryLimitReached",
     "MeterStats",
+    "Preempted",
+    "Restart",
+    "Strategy",
+    "Supervisor",
+    "SupervisorEvent",
+    "SupervisorGaveUp",
     "TimeLimitReached",
     "TokenCancelled",
     "Usage",
     "configure",
+    "create_task_group",
     "format_size",
     "global_memory_limit",
     "interrupt_safe",
     "is_interrupted",
     "limit_scope",
     "parse_size",
+    "run_sync",
     "set_global_memory_limit",
     "stats",
+    "trap_shutdown",
     "with_resource",
 ]

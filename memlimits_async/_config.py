@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._meter import _core
+from ._preempt import parse_preempt, set_default_grace
 from ._units import parse_size
 
 __all__ = ["MeterStats", "configure", "stats"]
 
 
-def configure(*, sampling_interval: int | str | None = None) -> None:
+def configure(
+    *,
+    sampling_interval: int | str | None = None,
+    preempt: float | bool | None = None,
+) -> None:
     """Change process-wide settings; arguments left out are unchanged.
 
     :param sampling_interval: mean number of bytes between two samples when
@@ -21,12 +26,22 @@ def configure(*, sampling_interval: int | str | None = None) -> None:
         docs/accuracy.md.  ``1`` means exact
         accounting: every allocation is charged with its exact size (slow;
         meant for tests).
+    :param preempt: the default grace of scopes opened without
+        ``preempt=``: seconds a breached body may run without reaching a
+        checkpoint before it is preempted (default 0.05); ``False`` turns
+        preemption off for them (docs/preemption.md).
     """
+    # Everything is checked before anything changes.
+    interval = None
     if sampling_interval is not None:
         interval = parse_size(sampling_interval, name="sampling_interval")
         if interval < 1:
             raise ValueError("sampling_interval must be at least 1 byte")
+    grace = parse_preempt(preempt) if preempt is not None else None
+    if interval is not None:
         _core.set_sampling_interval(interval)
+    if preempt is not None:
+        set_default_grace(grace)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +61,9 @@ class MeterStats:
     tracked_blocks: int
     """Sampled blocks alive now, whose free will be credited."""
     table_capacity: int
+    live_accounts: int
+    """Accounts (one per scope) not yet freed: those of open scopes, and of
+    closed scopes whose sampled blocks are still alive, and their ancestors."""
     filter_false_positives: int
     """Frees that passed the filter but were not tracked."""
     sampling_interval: int
@@ -71,6 +89,7 @@ def stats() -> MeterStats:
         dropped_samples=raw["dropped_samples"],
         tracked_blocks=raw["tracked_blocks"],
         table_capacity=raw["table_capacity"],
+        live_accounts=raw["live_accounts"],
         filter_false_positives=raw["filter_false_positives"],
         sampling_interval=raw["sampling_interval"],
         configured_sampling_interval=raw["configured_sampling_interval"],

@@ -21,17 +21,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
+import itertools
 import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, Protocol
 
 from ._meter import _core
 
-__all__ = ["LoopHandle", "current_loop_handle", "report_unraisable", "retry_later"]
+__all__ = [
+    "LoopHandle",
+    "call_later",
+    "current_loop_handle",
+    "report_unraisable",
+    "retry_later",
+    "start_delivery",
+]
 
 _thread: threading.Thread | None = None
 _thread_lock = threading.Lock()
@@ -39,17 +49,20 @@ _thread_lock = threading.Lock()
 _WAIT = 0.25  # seconds between ticks of the meter (see _core.tick)
 RETRY_PERIOD = 0.002  # seconds between two attempts of a deferred delivery
 
-# Deliveries put off (by an interrupt-safe coroutine) until a later attempt;
-# deque appends and pops are atomic, so the loops and the delivery thread
-# share it without a lock.
-# Entries are (due time, loop, callback), in order of due time.
-_retries: collections.deque[tuple[float, LoopHandle, Callable[[], object]]] = (
+# Timers of the delivery thread, (due time, callback), handed over through a
+# deque: its appends and pops are atomic, so loops, other threads and signal
+# handlers add timers without a lock (a lock could deadlock a signal handler
+# that interrupts its holder); the thread keeps them in a heap of its own.
+_timer_inbox: collections.deque[tuple[float, Callable[[], object]]] = (
     collections.deque()
 )
 
 
 class LoopHandle(Protocol):
     """What a scope needs from the event loop of its task."""
+
+    thread_id: int
+    """The thread the loop runs in."""
 
     def time(self) -> float:
         """The loop's clock, the one its deadlines use."""
@@ -63,10 +76,11 @@ class LoopHandle(Protocol):
 
 
 class _AsyncioLoopHandle:
-    __slots__ = ("loop",)
+    __slots__ = ("loop", "thread_id")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.thread_id = threading.get_ident()  # made on the loop's thread
 
     def time(self) -> float:
         return self.loop.time()
@@ -77,10 +91,11 @@ class _AsyncioLoopHandle:
 
 
 class _TrioLoopHandle:
-    __slots__ = ("token",)
+    __slots__ = ("thread_id", "token")
 
     def __init__(self, token: object) -> None:
         self.token = token
+        self.thread_id = threading.get_ident()  # made on the loop's thread
 
     def time(self) -> float:
         import trio
@@ -115,7 +130,7 @@ def current_loop_handle() -> LoopHandle | None:
     if loop is not None and asyncio.current_task(loop) is not None:
         asyncio_handle = _last_asyncio_handle
         if asyncio_handle is None or asyncio_handle.loop is not loop:
-            _start_delivery()
+            start_delivery()
             asyncio_handle = _last_asyncio_handle = _AsyncioLoopHandle(loop)
         return asyncio_handle
     # Not an asyncio task: a trio task (also trio in guest mode on a host
@@ -125,7 +140,7 @@ def current_loop_handle() -> LoopHandle | None:
         token = trio.lowlevel.current_trio_token()
         trio_handle = _last_trio_handle
         if trio_handle is None or trio_handle.token is not token:
-            _start_delivery()
+            start_delivery()
             trio_handle = _last_trio_handle = _TrioLoopHandle(token)
         return trio_handle
     return None
@@ -144,16 +159,28 @@ def _in_trio_task(trio: Any) -> bool:
 
 def report_unraisable(exc: BaseException, message: str, culprit: object) -> None:
     """Report an exception that has nowhere to go, like a finalizer's: a
-    callback run for someone else must not cost the others theirs."""
-    sys.unraisablehook(
-        SimpleNamespace(
+    callback run for someone else must not cost the others theirs.
+
+    A hook set by the program (pytest's) gets it; CPython's default hook
+    accepts only its own C argument type, so what it would print is printed
+    here instead."""
+    hook = sys.unraisablehook
+    if hook is not sys.__unraisablehook__:
+        args = SimpleNamespace(
             exc_type=type(exc),
             exc_value=exc,
             exc_traceback=exc.__traceback__,
             err_msg=message,
             object=culprit,
         )
-    )
+        with contextlib.suppress(Exception):
+            hook(args)
+            return
+    stderr = sys.stderr
+    if stderr is not None:
+        with contextlib.suppress(Exception):
+            print(f"{message}: {culprit!r}", file=stderr)
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=stderr)
 
 
 def _drain() -> None:
@@ -164,35 +191,56 @@ def _drain() -> None:
             report_unraisable(exc, "Exception delivering a breach", callback)
 
 
+def call_later(delay: float, callback: Callable[[], object]) -> None:
+    """Run ``callback()`` in the delivery thread in ``delay`` seconds.
+
+    Safe from any thread and from a signal handler.  The callback must be
+    quick: it delays every breach delivered after it.
+    """
+    start_delivery()
+    _timer_inbox.append((time.monotonic() + delay, callback))
+    _core.wake_delivery_thread()  # it may be in a longer wait
+
+
 def retry_later(loop: LoopHandle, callback: Callable[[], object]) -> None:
     """Run ``callback`` on ``loop`` in about :data:`RETRY_PERIOD` seconds."""
-    _start_delivery()
-    _retries.append((time.monotonic() + RETRY_PERIOD, loop, callback))
-    if len(_retries) == 1:
-        _core.wake_delivery_thread()  # it may be in a 0.25 s wait
+    call_later(RETRY_PERIOD, lambda: loop.call_soon_threadsafe(callback))
 
 
 def _delivery_thread_main() -> None:
+    timers: list[tuple[float, int, Callable[[], object]]] = []
+    order = itertools.count()  # ties never compare the callbacks
     next_tick = time.monotonic()
     while True:
+        while _timer_inbox:
+            due, callback = _timer_inbox.popleft()
+            heapq.heappush(timers, (due, next(order), callback))
         wait = _WAIT
-        if _retries:
-            wait = min(wait, max(_retries[0][0] - time.monotonic(), 0.0))
+        if timers:
+            wait = min(wait, max(timers[0][0] - time.monotonic(), 0.0))
         if _core.wait_for_breach(wait):
             _drain()
         now = time.monotonic()
-        while _retries and _retries[0][0] <= now:
-            _, loop, callback = _retries.popleft()
-            loop.call_soon_threadsafe(callback)
+        while timers and timers[0][0] <= now:
+            callback = heapq.heappop(timers)[2]
+            try:
+                callback()
+            except Exception as exc:
+                report_unraisable(exc, "Exception in a delivery timer", callback)
         if now >= next_tick:
-            _core.tick()  # lets the interval rise again; puts lost hooks back
+            try:
+                _core.tick()  # lets the interval rise again; puts lost hooks back
+            except Exception as exc:  # its RuntimeWarning, under -W error
+                report_unraisable(exc, "Exception in the meter's upkeep", _core.tick)
             next_tick = time.monotonic() + _WAIT
 
 
-def _start_delivery() -> None:
+def start_delivery() -> None:
     global _thread
     with _thread_lock:
-        if _thread is not None:
+        # No thread can start once the interpreter is finalizing (a scope
+        # in a __del__ run at exit): 3.12+ raise, 3.11 waits forever.
+        if _thread is not None or sys.is_finalizing():
             return
         _core.set_breach_handler(_drain)
         thread = threading.Thread(
@@ -210,7 +258,7 @@ def _forget_thread_after_fork() -> None:
     global _thread, _thread_lock, _last_asyncio_handle, _last_trio_handle
     _thread = None
     _thread_lock = threading.Lock()
-    _retries.clear()
+    _timer_inbox.clear()
     _last_asyncio_handle = _last_trio_handle = None
 
 

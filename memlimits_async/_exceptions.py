@@ -8,6 +8,7 @@ __all__ = [
     "AllocationLimitReached",
     "LimitReached",
     "MemoryLimitReached",
+    "Preempted",
     "TimeLimitReached",
     "TokenCancelled",
     "exception_for",
@@ -25,6 +26,19 @@ class LimitReached(Exception):
     def __init__(self, breach: Breach) -> None:
         super().__init__(breach.reason)
         self.breach = breach
+
+
+class Preempted(BaseException):
+    """Raised *inside* a breached scope's body that did not reach a
+    checkpoint within its grace period (``preempt=``), at a point where it
+    is safe (see docs/preemption.md).
+
+    A ``BaseException``, so that ``except Exception`` does not swallow it.
+    The scope that was breached absorbs it on exit, also from an exception
+    group of a task group or nursery in between, and reports its breach;
+    it never leaves that scope.  Do not catch it; if you must (to clean up),
+    re-raise it.
+    """
 
 
 class MemoryLimitReached(LimitReached, MemoryError):

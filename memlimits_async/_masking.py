@@ -33,7 +33,7 @@ import inspect
 import sys
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from contextvars import Context
+from contextvars import Context, ContextVar
 from types import CodeType, FrameType, TracebackType
 from typing import Any, Generic, TypeVar, overload
 
@@ -46,7 +46,9 @@ __all__ = [
     "InterruptSafe",
     "interrupt_safe",
     "is_interrupted",
+    "is_protected_code",
     "protected_code_waits",
+    "region_account",
     "with_resource",
 ]
 
@@ -65,6 +67,19 @@ _protected_async_code: weakref.WeakKeyDictionary[CodeType, None] = (
 
 _ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
+region_account: ContextVar[Account | None] = ContextVar(
+    "memlimits_async.region_account", default=None
+)
+"""In a region (or a shielded scope's body): the account that was current
+where the innermost one was entered.  A region protects against the scopes
+around it, i.e. the scopes that account is within; scopes opened inside the
+region stay interruptible.  (None: no region, or none inside any scope.)"""
+
+
+def is_protected_code(code: CodeType) -> bool:
+    """True for the code of a function decorated with ``@interrupt_safe``."""
+    return code in _protected_code
+
 
 class InterruptSafe:
     """A region where no breach or token interrupts the code (see module).
@@ -74,7 +89,7 @@ class InterruptSafe:
     is nothing to hold back: scopes there report at exit.
     """
 
-    __slots__ = ("_cancel_scope", "_entered")
+    __slots__ = ("_cancel_scope", "_entered", "_marker")
 
     def __init__(self) -> None:
         self._cancel_scope: anyio.CancelScope | None = None
@@ -87,6 +102,8 @@ class InterruptSafe:
         if _in_task():
             self._cancel_scope = anyio.CancelScope(shield=True)
             self._cancel_scope.__enter__()
+        # Last: preemption is held back from here on.
+        self._marker = region_account.set(current_account.get(None))
 
     def __exit__(
         self,
@@ -94,6 +111,7 @@ class InterruptSafe:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        region_account.reset(self._marker)
         if self._cancel_scope is not None:
             # A shield's own scope is never cancelled: it suppresses nothing.
             self._cancel_scope.__exit__(exc_type, exc, tb)

@@ -26,9 +26,12 @@ and ``_delivery`` (how a breach reaches this task's loop).
 from __future__ import annotations
 
 import math
+import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Final
 
 import anyio
@@ -41,9 +44,17 @@ from ._accounts import (
     breach_from,
     usage_from,
 )
-from ._delivery import LoopHandle, current_loop_handle, retry_later
-from ._exceptions import exception_for
-from ._masking import protected_code_waits
+from ._budget import Budget, budget_arguments
+from ._delivery import (
+    LoopHandle,
+    call_later,
+    current_loop_handle,
+    retry_later,
+    start_delivery,
+)
+from ._exceptions import Preempted, exception_for
+from ._masking import protected_code_waits, region_account
+from ._preempt import PreemptRequest, default_grace, parse_preempt
 from ._tokens import CancelToken
 from ._units import parse_size
 
@@ -58,14 +69,17 @@ _ACTIVE: Final = "active"
 _EXITED: Final = "exited"
 
 
-def _parse_timeout(timeout: object) -> float:
+def _parse_timeout(timeout: object, name: str = "timeout") -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(
-            f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
+            f"{name} must be a number of seconds or None, not {type(timeout).__name__}"
         )
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-    return float(timeout)
+    if timeout < 0 or timeout != timeout:  # NaN
+        raise ValueError(f"{name} must be >= 0 seconds, got {timeout!r}")
+    try:
+        return float(timeout)
+    except OverflowError:  # an int beyond the largest float
+        raise ValueError(f"{name} is too large to be seconds: {timeout}") from None
 
 
 def _parse_tokens(token: object) -> tuple[CancelToken, ...]:
@@ -115,6 +129,13 @@ class LimitScope:
         the body is an interrupt-safe region for the scopes around it.
     :param raise_on_breach: on exit after a breach, raise the matching
         :class:`LimitReached` subclass instead of returning normally.
+    :param preempt: seconds a breached body may run without reaching a
+        checkpoint before :class:`Preempted` is raised inside it, where that
+        is safe (see docs/preemption.md); None (default) for the grace set
+        with ``configure(preempt=...)`` (0.05 s unless changed), False never
+        to preempt.
+    :param budget: a :class:`Budget`, instead of ``memory``, ``allocations``,
+        ``timeout``, ``token`` and ``preempt`` (passing both is a TypeError).
 
     Usage is charged to this scope and to every enclosing scope, so an inner
     scope can never extend an outer one.  Tasks started inside the scope
@@ -140,6 +161,13 @@ class LimitScope:
     _delivered: Breach | None = None  # the first breach that cancelled it
     _deferred: Breach | None = None  # held back by interrupt-safe coroutines
     _global_memory: bool = False
+    _preempt: object = None  # as given; None: the configured default
+    _preempt_request: PreemptRequest | None = None
+    _preempt_breach: Breach | None = None  # what the preemption is for
+    _preempted: int = 0  # times Preempted was raised in the body
+    _entry_frame: FrameType | None = None  # outside a task: where it was entered
+    _thread_id: int = 0  # outside a task: the thread it was entered in
+    _region_token: object = None  # shielded: the interrupt-safe region marker
 
     def __init__(
         self,
@@ -151,7 +179,13 @@ class LimitScope:
         global_memory: bool = False,
         shield: bool = False,
         raise_on_breach: bool = False,
+        preempt: float | bool | None = None,
+        budget: Budget | None = None,
     ) -> None:
+        if budget is not None:
+            memory, allocations, timeout, token, preempt = budget_arguments(
+                budget, memory, allocations, timeout, token, preempt
+            )
         # The checks skip a call for the common arguments (None, bools).
         self._memory = None if memory is None else parse_size(memory, name="memory")
         self._allocations = (
@@ -169,6 +203,9 @@ class LimitScope:
         self._raise_on_breach = raise_on_breach
         if token is not None:
             self._tokens = _parse_tokens(token)
+        if preempt is not None:
+            parse_preempt(preempt)  # checked now, read when a breach comes
+            self._preempt = preempt
 
     # ---- entering and leaving ----
 
@@ -210,12 +247,24 @@ class LimitScope:
         if cancel_scope is not None and self._cancel_requested:
             cancel_scope.cancel(self._cancel_reason)
         self._state = _ACTIVE
+        on_breach: Callable[[], None] | None = self._on_breach
         try:
-            if self._tokens and loop is not None:
+            if loop is None:
+                on_breach = self._enter_outside_a_task()
+            if self._tokens and on_breach is not None:
                 self._watch_tokens()
+            if timeout is not None and self._grace() is not None:
+                self._arm_at_deadline(timeout)
+            if self._shield:
+                # A region for the scopes around (for preemption; anyio's
+                # shield does it for cancellation).
+                self._region_token = region_account.set(account)
             # Last, so that only the body's allocations are charged.
-            account.enter(self._on_breach if loop is not None else None)
+            account.enter(on_breach)
         except BaseException:
+            if self._region_token is not None:
+                region_account.reset(self._region_token)  # type: ignore[arg-type]
+                self._region_token = None
             self._unwatch_tokens()
             account.leave()  # closes it; nothing was made current
             self._account = self._cancel_scope = self._loop = None
@@ -237,6 +286,11 @@ class LimitScope:
         # First, so that only the body's allocations are charged.
         record = self._account.leave()
         self._state = _EXITED
+        if self._region_token is not None:
+            region_account.reset(self._region_token)  # type: ignore[arg-type]
+        if self._preempt_request is not None:
+            self._preempt_request.close()
+        self._entry_frame = None
         if self._tokens:
             self._unwatch_tokens()
         breach = self._delivered or self._undelivered_breach(record)
@@ -245,12 +299,16 @@ class LimitScope:
         if cancel_scope is not None:
             try:
                 suppressed = cancel_scope.__exit__(exc_type, exc, tb)
-            except BaseException:
+            except BaseException as left:
                 # trio strips its Cancelled out of an exception group and
                 # raises what is left: the breach is kept all the same.
                 self._breach = self._final_breach(breach, cancel_scope)
-                raise
-        if self._timeout is not None:
+                if not self._absorbs(left):
+                    raise
+                suppressed = True
+        if exc is not None and not suppressed and self._absorbs(exc):
+            suppressed = True
+        if self._timeout is not None or breach is None:
             breach = self._final_breach(breach, cancel_scope)
         self._breach = breach
         if breach is not None and self._raise_on_breach and (exc is None or suppressed):
@@ -261,6 +319,8 @@ class LimitScope:
         self, breach: Breach | None, cancel_scope: anyio.CancelScope | None
     ) -> Breach | None:
         """The breach to report, the timeout included (known only now)."""
+        if breach is None and self._preempted:
+            breach = self._preempt_breach  # preempted before the loop knew
         if self._timeout is None:
             return breach
         if cancel_scope is not None:
@@ -296,6 +356,9 @@ class LimitScope:
         """Called by the delivery layer, on any thread, right after a breach."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._cancel_for_breach)
+        record = self._account.breach() if self._account is not None else None
+        if record is not None:
+            self._arm(breach_from(record))
 
     def _cancel_for_breach(self) -> None:
         """Runs on the scope's own loop thread, between task steps."""
@@ -320,10 +383,75 @@ class LimitScope:
 
     def _on_token(self, reason: str | None) -> None:
         """Called in the thread (or signal handler) that cancelled a token."""
+        breach = _token_breach(reason)
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(
-                lambda: self._deliver(_token_breach(reason))
-            )
+            self._loop.call_soon_threadsafe(lambda: self._deliver(breach))
+        self._arm(breach)
+
+    # ---- preemption (``_preempt``) ----
+
+    def _grace(self) -> float | None:
+        return (
+            default_grace() if self._preempt is None else parse_preempt(self._preempt)
+        )
+
+    def _enter_outside_a_task(self) -> Callable[[], None] | None:
+        """Outside a task, breaches are only waited for to preempt the body:
+        remember where it runs.  Returns the breach callback, if any."""
+        if self._grace() is None:
+            return None
+        self._entry_frame = sys._getframe(2)  # the frame of the `with`
+        self._thread_id = threading.get_ident()
+        start_delivery()
+        return self._on_breach
+
+    def _arm_at_deadline(self, timeout: float) -> None:
+        scope_ref = weakref.ref(self)
+
+        def deadline_passed() -> None:
+            scope = scope_ref()
+            if scope is not None and scope._state == _ACTIVE:
+                scope._arm(scope._timeout_breach(timeout))
+
+        call_later(timeout, deadline_passed)
+
+    def _arm(self, breach: Breach) -> None:
+        """Any thread: start the grace period of a preemption (once)."""
+        grace = self._grace()
+        if grace is None or self._state != _ACTIVE or self._preempt_request:
+            return
+        self._preempt_breach = breach
+        request = self._preempt_request = PreemptRequest(self, grace)
+        request.start()
+
+    def _preempt_thread(self) -> int:
+        """The thread the scope was entered in (run_sync workers aside)."""
+        return self._loop.thread_id if self._loop is not None else self._thread_id
+
+    def _note_preempted(self) -> None:
+        self._preempted += 1
+        if self._account is not None:
+            self._account.mark_interrupted()
+
+    def _preempt_reason(self) -> str:
+        breach = self._preempt_breach
+        reason = breach.reason if breach is not None else "breached"
+        return f"preempted: {reason}"
+
+    def _absorbs(self, exc: BaseException) -> bool:
+        """True for this scope's Preempted, alone or in a group with nothing
+        but cancellations."""
+        if not self._preempted:
+            return False
+        if isinstance(exc, Preempted):
+            return True
+        if not isinstance(exc, BaseExceptionGroup):
+            return False
+        kinds: tuple[type[BaseException], ...] = (Preempted,)
+        if self._loop is not None:
+            kinds += (anyio.get_cancelled_exc_class(),)
+        _, rest = exc.split(kinds)
+        return rest is None and exc.subgroup(Preempted) is not None
 
     def _deliver(self, breach: Breach) -> None:
         """On the loop thread: the first breach delivered cancels the scope,

@@ -36,6 +36,7 @@ account_t global_root = {.refcnt = 1,
 int64_t global_limit = NO_LIMIT;
 int64_t global_live = 0;
 int64_t global_external = -1;
+Py_ssize_t accounts_live = 0;
 
 static int accounts_pending_call(void *unused);
 
@@ -65,6 +66,7 @@ account_new(account_t *parent, int64_t memory_limit, int64_t allocation_limit)
     if (a == NULL) {
         return NULL;
     }
+    accounts_live++;
     a->refcnt = 1;
     a->parent = parent;
     if (parent != NULL) {
@@ -95,6 +97,7 @@ account_decref(account_t *a)
     while (a != NULL && --a->refcnt == 0) {
         account_t *parent = a->parent;
         free(a);
+        accounts_live--;
         a = parent;
     }
 }

@@ -316,6 +316,7 @@ after_fork_child(void)
 {
     accounts_after_fork_child();
     sampler_after_fork_child();
+    interrupts_after_fork_child();
 }
 
 int

@@ -102,6 +102,7 @@ extern account_t global_root;
 extern int64_t global_limit;     /* NO_LIMIT or bytes */
 extern int64_t global_live;
 extern int64_t global_external;  /* -1: measure global_live */
+extern Py_ssize_t accounts_live;   /* accounts allocated, not yet freed */
 void accounts_set_global_limit(int64_t limit);
 /* Pop every queued breached account; returns a new list of the breach
  * callbacks of those whose scope is still open (GIL). */
@@ -191,6 +192,17 @@ int hooks_check(void);
 int hooks_stats(PyObject *dict);
 int hooks_init_module(PyObject *context_var, PyTypeObject *account_type);
 void hooks_disable_attribution(void);
+
+/* ---- interrupts (interrupts.c): raising into running code ---- */
+PyObject *interrupts_set_handler(PyObject *module, PyObject *const *args,
+                                 Py_ssize_t nargs);
+PyObject *interrupts_call_on_main_thread(PyObject *module, PyObject *unused);
+PyObject *interrupts_async_raise(PyObject *module, PyObject *const *args,
+                                 Py_ssize_t nargs);
+PyObject *interrupts_raise_in_thread_at(PyObject *module, PyObject *const *args,
+                                        Py_ssize_t nargs);
+PyObject *interrupts_thread_context(PyObject *module, PyObject *thread_id);
+void interrupts_after_fork_child(void);
 
 /* Account object (module.c): the ContextVar holds one of these. */
 typedef struct {

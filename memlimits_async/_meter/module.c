@@ -338,10 +338,14 @@ meter_stats(PyObject *module, PyObject *Py_UNUSED(ignored))
     if (dict == NULL) {
         return NULL;
     }
-    if (hooks_stats(dict) < 0) {
+    PyObject *live = PyLong_FromSsize_t(accounts_live);
+    if (live == NULL || hooks_stats(dict) < 0
+        || PyDict_SetItemString(dict, "live_accounts", live) < 0) {
+        Py_XDECREF(live);
         Py_DECREF(dict);
         return NULL;
     }
+    Py_DECREF(live);
     return dict;
 }
 
@@ -431,6 +435,28 @@ meter_set_global_measure(PyObject *module, PyObject *arg)
 }
 
 static PyMethodDef meter_methods[] = {
+    {"set_interrupt_handler",
+     (PyCFunction)(void (*)(void))interrupts_set_handler, METH_FASTCALL,
+     "set_interrupt_handler(handler, never_here): the callable that\n"
+     "call_on_main_thread() runs, returning an exception instance to raise\n"
+     "in the code it interrupted, True to be called again at the next check\n"
+     "(for a short while), or False; and a set of code objects in whose\n"
+     "frames it is not even called."},
+    {"call_on_main_thread", interrupts_call_on_main_thread, METH_NOARGS,
+     "Run the interrupt handler on the main thread at its next eval-breaker\n"
+     "check (a pending call).  False if the pending-call queue is full."},
+    {"async_raise", (PyCFunction)(void (*)(void))interrupts_async_raise,
+     METH_FASTCALL,
+     "async_raise(thread_id, exc_class or None): PyThreadState_SetAsyncExc.\n"
+     "Returns the number of threads affected (0: no such thread)."},
+    {"raise_in_thread_at",
+     (PyCFunction)(void (*)(void))interrupts_raise_in_thread_at, METH_FASTCALL,
+     "raise_in_thread_at(thread_id, frame, lasti, var, expected, exc_class)\n"
+     "-> bool: arm an asynchronous exception in that thread only if its\n"
+     "innermost frame is still frame, at instruction lasti, and its context\n"
+     "still holds expected in var (it has not moved since)."},
+    {"thread_context", interrupts_thread_context, METH_O,
+     "The contextvars.Context the given thread runs in, or None."},
     {"interrupted", meter_interrupted, METH_NOARGS,
      "True if an account of this context (or an ancestor) is marked\n"
      "interrupted and not yet left."},
