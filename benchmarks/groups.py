@@ -62,22 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-
-try:
-    # Imported up front so that every variant runs in the same process state:
-    # once trio is imported, limit_scope asks it whether a trio task is running.
-    import trio
-
-    HAVE_TRIO = trio is not None
-except ImportError:  # trio is an optional dependency
-    HAVE_TRIO = False
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-try:
-    import memlimits_async as ml
-except ImportError:  # a checkout built with setup.py build_ext --inplace
-    sys.path.insert(0, str(REPO_ROOT))
-    import memlimits_async as ml
+from _package import HAVE_TRIO, ml
 
 BUDGET = ml.Budget(memory="64 MiB")
 _clock = time.process_time

@@ -63,24 +63,9 @@ from pathlib import Path
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+from _package import HAVE_TRIO, ml
 from anyio.abc import TaskGroup
 from anyio.lowlevel import EventLoopToken
-
-try:
-    # Imported up front so that every variant runs in the same process state:
-    # once trio is imported, limit_scope asks it whether a trio task is running.
-    import trio
-
-    HAVE_TRIO = trio is not None
-except ImportError:  # trio is an optional dependency
-    HAVE_TRIO = False
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-try:
-    import memlimits_async as ml
-except ImportError:  # a checkout built with setup.py build_ext --inplace
-    sys.path.insert(0, str(REPO_ROOT))
-    import memlimits_async as ml
 
 SOURCES = ("task", "thread")
 TOKEN = "token"

@@ -23,15 +23,9 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import anyio
-
-try:
-    import memlimits_async as ml
-except ImportError:  # a checkout with the extension built in place
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import memlimits_async as ml
+from _package import ml
 
 from memlimits_async._preempt import THREADS_PREEMPTIBLE
 
