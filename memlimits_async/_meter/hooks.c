@@ -54,7 +54,7 @@ in_main_interpreter(void)
 
 /* The account of the allocating context, borrowed: the context holds a
  * reference for as long as this hook runs. */
-static account_t *
+account_t *
 current_account(void)
 {
     PyObject *value = NULL;

@@ -80,6 +80,11 @@ interrupt_pending_call(void *unused)
     if (interrupt_handler == NULL) {
         return 0;
     }
+    if (current_account() == NULL) {
+        /* Code outside every scope (the event loop itself, another task):
+         * no breached scope's code, nothing to decide in Python. */
+        return retry_soon();
+    }
     if (never_here != NULL) {
         PyFrameObject *frame = PyEval_GetFrame();  /* borrowed */
         if (frame != NULL) {

@@ -192,6 +192,8 @@ int hooks_check(void);
 int hooks_stats(PyObject *dict);
 int hooks_init_module(PyObject *context_var, PyTypeObject *account_type);
 void hooks_disable_attribution(void);
+/* The account of the running context, borrowed, or NULL (GIL held). */
+account_t *current_account(void);
 
 /* ---- interrupts (interrupts.c): raising into running code ---- */
 PyObject *interrupts_set_handler(PyObject *module, PyObject *const *args,
