@@ -35,9 +35,11 @@ from typing import Any, Protocol
 from ._meter import _core
 
 __all__ = [
+    "TICK",
     "LoopHandle",
     "call_later",
     "current_loop_handle",
+    "on_tick",
     "report_unraisable",
     "retry_later",
     "start_delivery",
@@ -46,7 +48,7 @@ __all__ = [
 _thread: threading.Thread | None = None
 _thread_lock = threading.Lock()
 
-_WAIT = 0.25  # seconds between ticks of the meter (see _core.tick)
+TICK = 0.25  # seconds between ticks of the delivery thread (see _core.tick)
 RETRY_PERIOD = 0.002  # seconds between two attempts of a deferred delivery
 
 # Timers of the delivery thread, (due time, callback), handed over through a
@@ -191,6 +193,15 @@ def _drain() -> None:
             report_unraisable(exc, "Exception delivering a breach", callback)
 
 
+# Run by the delivery thread at every tick (every 0.25 s).
+_tick_callbacks: list[Callable[[], object]] = []
+
+
+def on_tick(callback: Callable[[], object]) -> None:
+    """Run ``callback()`` in the delivery thread at every tick (0.25 s)."""
+    _tick_callbacks.append(callback)
+
+
 def call_later(delay: float, callback: Callable[[], object]) -> None:
     """Run ``callback()`` in the delivery thread in ``delay`` seconds.
 
@@ -215,7 +226,7 @@ def _delivery_thread_main() -> None:
         while _timer_inbox:
             due, callback = _timer_inbox.popleft()
             heapq.heappush(timers, (due, next(order), callback))
-        wait = _WAIT
+        wait = TICK
         if timers:
             wait = min(wait, max(timers[0][0] - time.monotonic(), 0.0))
         if _core.wait_for_breach(wait):
@@ -228,11 +239,14 @@ def _delivery_thread_main() -> None:
             except Exception as exc:
                 report_unraisable(exc, "Exception in a delivery timer", callback)
         if now >= next_tick:
-            try:
-                _core.tick()  # lets the interval rise again; puts lost hooks back
-            except Exception as exc:  # its RuntimeWarning, under -W error
-                report_unraisable(exc, "Exception in the meter's upkeep", _core.tick)
-            next_tick = time.monotonic() + _WAIT
+            for callback in (_core.tick, *_tick_callbacks):
+                try:
+                    # _core.tick lets the interval rise again and puts lost
+                    # hooks back (its RuntimeWarning may be an error: -W error)
+                    callback()
+                except Exception as exc:
+                    report_unraisable(exc, "Exception in the delivery tick", callback)
+            next_tick = time.monotonic() + TICK
 
 
 def start_delivery() -> None:

@@ -49,13 +49,15 @@ import inspect
 import math
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from contextvars import Context
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from ._accounts import Account, current_account
-from ._delivery import call_later
+from ._delivery import TICK, call_later, on_tick
 from ._exceptions import Preempted
 from ._masking import is_protected_code as _is_marked
 from ._masking import region_account
@@ -70,6 +72,8 @@ __all__ = [
     "may_interrupt",
     "run_fenced",
     "set_default_grace",
+    "unwatch_deadline",
+    "watch_deadline",
 ]
 
 T = TypeVar("T")
@@ -231,6 +235,56 @@ class PreemptRequest:
 
 
 _main_thread_requests: set[PreemptRequest] = set()
+
+
+# ---- timeouts: a deadline passed while the body was running ----
+#
+# Active scopes with a timeout, by id: (deadline, weak reference).  The
+# delivery thread scans them at every tick (0.25 s) and arms those whose
+# deadline passed; a deadline due before the next tick gets a timer of its
+# own.  So no timer outlives a tick, however many scopes with long timeouts
+# come and go (one timer per scope would live until its deadline).
+_deadlines: dict[int, tuple[float, weakref.ref[LimitScope]]] = {}
+_next_scan = math.inf
+
+
+def watch_deadline(scope: LimitScope, deadline: float) -> None:
+    """Preempt ``scope``'s body if it still runs at ``deadline`` (monotonic)."""
+    global _next_scan
+    _deadlines[id(scope)] = (deadline, weakref.ref(scope))
+    delay = deadline - time.monotonic()
+    if deadline < _next_scan and delay < TICK:
+        _next_scan = deadline
+        call_later(max(delay, 0.0), scan_deadlines)
+
+
+def unwatch_deadline(scope: LimitScope) -> None:
+    _deadlines.pop(id(scope), None)
+
+
+def scan_deadlines() -> None:
+    """In the delivery thread: arm the scopes whose deadline has passed."""
+    global _next_scan
+    if not _deadlines:
+        _next_scan = math.inf
+        return
+    now = time.monotonic()
+    earliest = math.inf
+    for key, (deadline, scope_ref) in list(_deadlines.items()):
+        if deadline > now:
+            earliest = min(earliest, deadline)
+            continue
+        _deadlines.pop(key, None)
+        scope = scope_ref()
+        if scope is not None:
+            scope._deadline_passed()
+    _next_scan = math.inf
+    if earliest - now < TICK:
+        _next_scan = earliest
+        call_later(earliest - now, scan_deadlines)
+
+
+on_tick(scan_deadlines)
 
 _workers: set[int] = set()
 """Threads running ``run_sync`` work: any of them may be running a breached

@@ -29,7 +29,6 @@ import math
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from types import FrameType, TracebackType
 from typing import Final
@@ -47,14 +46,19 @@ from ._accounts import (
 from ._budget import Budget, budget_arguments
 from ._delivery import (
     LoopHandle,
-    call_later,
     current_loop_handle,
     retry_later,
     start_delivery,
 )
 from ._exceptions import Preempted, exception_for
 from ._masking import protected_code_waits, region_account
-from ._preempt import PreemptRequest, default_grace, parse_preempt
+from ._preempt import (
+    PreemptRequest,
+    default_grace,
+    parse_preempt,
+    unwatch_deadline,
+    watch_deadline,
+)
 from ._tokens import CancelToken
 from ._units import parse_size
 
@@ -254,7 +258,7 @@ class LimitScope:
             if self._tokens and on_breach is not None:
                 self._watch_tokens()
             if timeout is not None and self._grace() is not None:
-                self._arm_at_deadline(timeout)
+                watch_deadline(self, time.monotonic() + timeout)
             if self._shield:
                 # A region for the scopes around (for preemption; anyio's
                 # shield does it for cancellation).
@@ -266,6 +270,7 @@ class LimitScope:
                 region_account.reset(self._region_token)  # type: ignore[arg-type]
                 self._region_token = None
             self._unwatch_tokens()
+            unwatch_deadline(self)
             account.leave()  # closes it; nothing was made current
             self._account = self._cancel_scope = self._loop = None
             self._delivered = None
@@ -290,6 +295,8 @@ class LimitScope:
             region_account.reset(self._region_token)  # type: ignore[arg-type]
         if self._preempt_request is not None:
             self._preempt_request.close()
+        if self._timeout is not None:
+            unwatch_deadline(self)
         self._entry_frame = None
         if self._tokens:
             self._unwatch_tokens()
@@ -405,15 +412,10 @@ class LimitScope:
         start_delivery()
         return self._on_breach
 
-    def _arm_at_deadline(self, timeout: float) -> None:
-        scope_ref = weakref.ref(self)
-
-        def deadline_passed() -> None:
-            scope = scope_ref()
-            if scope is not None and scope._state == _ACTIVE:
-                scope._arm(scope._timeout_breach(timeout))
-
-        call_later(timeout, deadline_passed)
+    def _deadline_passed(self) -> None:
+        """Any thread: the timeout expired while the body was running."""
+        if self._state == _ACTIVE and self._timeout is not None:
+            self._arm(self._timeout_breach(self._timeout))
 
     def _arm(self, breach: Breach) -> None:
         """Any thread: start the grace period of a preemption (once)."""
