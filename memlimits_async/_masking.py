@@ -320,13 +320,7 @@ class with_resource(Generic[T]):
     def __enter__(self) -> T:
         self._check_unused()
         with interrupt_safe():
-            resource = self._acquire()
-            if inspect.isawaitable(resource):
-                _discard(resource)
-                raise TypeError(
-                    "acquire returned an awaitable: use 'async with' with an "
-                    "async acquire"
-                )
+            resource: T = _not_awaitable(self._acquire(), "acquire")
             self._hold(resource)
         return resource
 
@@ -340,13 +334,7 @@ class with_resource(Generic[T]):
             return
         self._acquired = False
         with interrupt_safe():
-            result = self._release(self._resource)
-            if inspect.isawaitable(result):
-                _discard(result)
-                raise TypeError(
-                    "release returned an awaitable: use 'async with' with an "
-                    "async release"
-                )
+            _not_awaitable(self._release(self._resource), "release")
 
     async def __aenter__(self) -> T:
         self._check_unused()
@@ -383,7 +371,13 @@ class with_resource(Generic[T]):
         self._acquired = True
 
 
-def _discard(awaitable: Awaitable[object]) -> None:
-    close = getattr(awaitable, "close", None)
-    if close is not None:
-        close()  # no "coroutine was never awaited" warning on top
+def _not_awaitable(value: Any, role: str) -> Any:
+    """``value``, which a plain ``with`` cannot await."""
+    if inspect.isawaitable(value):
+        close = getattr(value, "close", None)
+        if close is not None:
+            close()  # no "coroutine was never awaited" warning on top
+        raise TypeError(
+            f"{role} returned an awaitable: use 'async with' with an async {role}"
+        )
+    return value
