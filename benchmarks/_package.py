@@ -8,6 +8,7 @@ is imported, ``limit_scope`` asks it whether a trio task is running.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -26,4 +27,28 @@ except ImportError:  # a checkout built with setup.py build_ext --inplace
     sys.path.insert(0, str(REPO_ROOT))
     import memlimits_async as ml
 
-__all__ = ["HAVE_TRIO", "REPO_ROOT", "ml"]
+__all__ = ["HAVE_TRIO", "REPO_ROOT", "backends_of", "fill_counts", "ml"]
+
+
+def fill_counts(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    quick: dict[str, int],
+    full: dict[str, int],
+) -> None:
+    """Give the count options left unset their ``--quick`` or full default,
+    and refuse a count below 1 (a parser error naming the options)."""
+    for name, default in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if min(getattr(args, name) for name in full) < 1:
+        options = [f"--{name.replace('_', '-')}" for name in full]
+        parser.error(f"{', '.join(options[:-1])} and {options[-1]} must be >= 1")
+
+
+def backends_of(args: argparse.Namespace) -> list[str]:
+    """``--backend`` as given, else asyncio and (if installed) trio."""
+    chosen: list[str] = args.backend or (
+        ["asyncio", "trio"] if HAVE_TRIO else ["asyncio"]
+    )
+    return chosen

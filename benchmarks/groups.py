@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from _package import HAVE_TRIO, ml
+from _package import backends_of, fill_counts, ml
 
 BUDGET = ml.Budget(memory="64 MiB")
 _clock = time.process_time
@@ -349,15 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         backend, variant, n, measure = json.loads(args.probe)
         print(anyio.run(_probe, variant, n, measure, backend=backend))
         return 0
-    defaults = (3, 2000, 1) if args.quick else (9, 10_000, 3)
-    for name, default in zip(("rounds", "n", "memory_rounds"), defaults, strict=True):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    if min(args.rounds, args.n, args.memory_rounds) < 1:
-        parser.error("--rounds, --n and --memory-rounds must be >= 1")
-    backends: list[str] = args.backend or (
-        ["asyncio", "trio"] if HAVE_TRIO else ["asyncio"]
+    fill_counts(
+        parser,
+        args,
+        {"rounds": 3, "n": 2000, "memory_rounds": 1},
+        {"rounds": 9, "n": 10_000, "memory_rounds": 3},
     )
+    backends = backends_of(args)
     print(
         f"groups: {args.rounds} rounds of {args.n} children, "
         f"{args.memory_rounds} memory rounds, backends {', '.join(backends)}",

@@ -63,7 +63,7 @@ from pathlib import Path
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-from _package import HAVE_TRIO, ml
+from _package import backends_of, fill_counts, ml
 from anyio.abc import TaskGroup
 from anyio.lowlevel import EventLoopToken
 
@@ -331,12 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run under this interpreter instead (repeatable; default: this one)",
     )
     args = parser.parse_args(argv)
-    defaults = (3, 150, 60) if args.quick else (5, 2000, 500)
-    for name, default in zip(("rounds", "n", "n_thread"), defaults, strict=True):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    if min(args.rounds, args.n, args.n_thread) < 1:
-        parser.error("--rounds, --n and --n-thread must be >= 1")
+    fill_counts(
+        parser,
+        args,
+        {"rounds": 3, "n": 150, "n_thread": 60},
+        {"rounds": 5, "n": 2000, "n_thread": 500},
+    )
     # Every round runs at least one trial of each variant.
     args.n, args.n_thread = max(args.n, args.rounds), max(args.n_thread, args.rounds)
     if args.python:
@@ -351,9 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend in args.backend or ():
             forwarded += ["--backend", backend]
         return _run_other_pythons(args.python, forwarded)
-    backends: list[str] = args.backend or (
-        ["asyncio", "trio"] if HAVE_TRIO else ["asyncio"]
-    )
+    backends = backends_of(args)
     print(
         f"latency: {args.rounds} rounds, {args.n} same-loop and {args.n_thread} "
         f"cross-thread cancellations per variant, backends {', '.join(backends)}",

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from _package import HAVE_TRIO, ml
+from _package import backends_of, fill_counts, ml
 
 Variant = Callable[[int], Awaitable[None]]
 BARE = "with anyio.CancelScope()"
@@ -206,15 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         help="repeatable; default: asyncio, and trio if installed",
     )
     args = parser.parse_args(argv)
-    defaults = (3, 500, 3) if args.quick else (9, 2000, 5)
-    for name, default in zip(("rounds", "n", "batches"), defaults, strict=True):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    if min(args.rounds, args.n, args.batches) < 1:
-        parser.error("--rounds, --n and --batches must be >= 1")
-    backends: list[str] = args.backend or (
-        ["asyncio", "trio"] if HAVE_TRIO else ["asyncio"]
+    fill_counts(
+        parser,
+        args,
+        {"rounds": 3, "n": 500, "batches": 3},
+        {"rounds": 9, "n": 2000, "batches": 5},
     )
+    backends = backends_of(args)
     print(
         f"scope_cost: {args.rounds} rounds, {args.batches} batches of {args.n}, "
         f"backends {', '.join(backends)}",
