@@ -8,9 +8,10 @@ that breaking its own budget stops that child alone::
 
     LimitScope (the group's budget)          entered by the host task
       anyio task group
-        child task: _run_child
-          LimitScope (the child's budget)    around the child's coroutine
-            the child's coroutine
+        child task: anyio's task handle runs it in a cancel scope
+          _run_child
+            LimitScope (the child's budget)  cancels through that cancel scope
+              the child's coroutine
 
 Invariants:
 
@@ -25,10 +26,15 @@ Invariants:
 * ``_running`` holds the handles of the children spawned and not finished,
   in spawn order: a handle is added before its task is spawned and removed
   by ``_finish``, its task's last act.
+* A child's scope enters no cancel scope of its own when anyio gave its task
+  one (``LimitScope._adopt``): its breach and ``handle.cancel()`` cancel
+  that, so the cancellation leaves ``_run_child`` (which records it) and
+  anyio's task handle absorbs it.  Children started with ``start()``, whose
+  anyio handle comes too late, enter their own.
 
 Every child gets a scope, with a budget or not, so that every handle and
 ``children()`` can report usage; a scope without limits costs an account and
-a cancel scope, no sampling-rate change.
+no sampling-rate change.
 """
 
 from __future__ import annotations
@@ -536,11 +542,16 @@ class BudgetedTaskGroup:
         handle: ChildHandle[T] = ChildHandle(name, scope, on_done)
         self._running[handle] = None
         try:
-            task_group.start_soon(_run_child, handle, coro, self, name=name)
+            task = task_group.start_soon(_run_child, handle, coro, self, name=name)
         except BaseException:
             self._running.pop(handle, None)
             coro.close()
             raise
+        # anyio (4.14 and later) runs each task in a cancel scope of its own,
+        # just around _run_child: the child's scope cancels through it rather
+        # than entering a second one.  Not with an anyio that returns no
+        # handle, nor for a child already running (anyio starts none eagerly).
+        scope._adopt(getattr(task, "_cancel_scope", None))
         return handle
 
     def _require_active(self) -> anyio.abc.TaskGroup:

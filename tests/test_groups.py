@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import pickle
+import sys
 import time
 
 import anyio
@@ -452,3 +454,38 @@ async def test_isolation_on_native_asyncio() -> None:
 def test_isolation_on_native_trio() -> None:
     result = trio.run(isolation_scenario)
     assert result == (ml.ChildStatus.BREACHED, ml.ChildStatus.FINISHED, 5)
+
+
+@pytest.mark.anyio
+async def test_a_child_scope_cancels_through_its_tasks_own_cancel_scope() -> None:
+    """One cancel scope per child, not two (most of a budget's cost): the
+    child's scope adopts the one anyio's task handle runs it in."""
+    release = anyio.Event()
+    async with ml.create_task_group() as group:
+        child = group.start_soon(wait_then_return, release, 1, budget=ml.Budget())
+        assert isinstance(child._scope._adopted, anyio.CancelScope)
+        release.set()
+    assert await child == 1
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks: 3.12+")
+@pytest.mark.asyncio
+async def test_isolation_under_an_eager_task_factory() -> None:
+    """anyio starts no task eagerly (it calls the factory's task class
+    without eager_start); were one started before its handle came back,
+    its scope would enter a cancel scope of its own."""
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+    try:
+        release = anyio.Event()
+        async with ml.create_task_group() as group:
+            leaky = group.start_soon(
+                leak_until_cancelled, [], budget=ml.Budget(memory="1 MiB")
+            )
+            steady = group.start_soon(wait_then_return, release, 5)
+            await leaky.wait()
+            release.set()
+    finally:
+        loop.set_task_factory(None)
+    assert leaky.status is ml.ChildStatus.BREACHED
+    assert await steady == 5
