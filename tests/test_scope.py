@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import anyio
 import pytest
 import trio
 
 import memlimits_async as ml
+from memlimits_async._accounts import current_account
 from helpers import KIB, MIB, churn, held_bytes, leak_until_cancelled
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -410,6 +412,29 @@ def test_scope_can_be_entered_only_once() -> None:
     with pytest.raises(RuntimeError, match="only be entered once"), scope:
         pass
 
+
+
+def test_leaving_before_a_scope_entered_later_is_refused() -> None:
+    """Out-of-order exits (e.g. scopes in two interleaved generators) raise
+    instead of leaving the later scope's account current after the earlier
+    one is gone; both can then be left in order."""
+    earlier, later = ml.limit_scope(), ml.limit_scope()
+    earlier.__enter__()
+    later.__enter__()
+    with pytest.raises(RuntimeError, match="not current here"):
+        earlier.__exit__(None, None, None)
+    later.__exit__(None, None, None)
+    earlier.__exit__(None, None, None)
+    assert current_account.get(None) is None
+
+
+def test_leaving_in_another_context_is_refused() -> None:
+    scope = ml.limit_scope()
+    scope.__enter__()
+    with pytest.raises(RuntimeError, match="not current here"):
+        contextvars.Context().run(scope.__exit__, None, None, None)
+    scope.__exit__(None, None, None)  # in its own context it still can
+    assert current_account.get(None) is None
 
 def test_repr_mentions_limits_and_state() -> None:
     scope = ml.limit_scope(memory="1 MiB", timeout=2)

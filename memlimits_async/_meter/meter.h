@@ -210,7 +210,9 @@ void interrupts_after_fork_child(void);
 typedef struct {
     PyObject_HEAD
     account_t *account;
-    PyObject *token;      /* ContextVar token while entered, else NULL */
+    int entered;          /* between enter() and leave() */
+    PyObject *previous;   /* while entered: the ContextVar's value before
+                             enter() (NULL: unset), restored by leave() */
     PyObject *on_breach;  /* callable while entered with one, else NULL */
     int64_t left_usage[3];  /* allocated, live, peak_live at leave() */
 } AccountObject;

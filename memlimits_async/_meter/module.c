@@ -116,7 +116,7 @@ Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static int
 Account_traverse(AccountObject *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->token);
+    Py_VISIT(self->previous);
     Py_VISIT(self->on_breach);
     return 0;
 }
@@ -128,7 +128,7 @@ Account_clear(AccountObject *self)
         self->account->owner = NULL;
     }
     Py_CLEAR(self->on_breach);
-    Py_CLEAR(self->token);
+    Py_CLEAR(self->previous);
     return 0;
 }
 
@@ -147,7 +147,11 @@ Account_dealloc(AccountObject *self)
 
 /* Switching the ContextVar allocates (a new HAMT, a Token): done with the
  * hooks passing through, so that a scope is never charged for its own
- * bookkeeping and only its body's allocations count. */
+ * bookkeeping and only its body's allocations count.
+ *
+ * The Token is dropped at once and leave() sets the previous value back:
+ * an idle scope (a parked task's) then holds a reference to an object that
+ * exists anyway instead of a Token of its own (72 bytes). */
 static PyObject *
 Account_enter(AccountObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -160,17 +164,25 @@ Account_enter(AccountObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "on_breach must be callable or None");
         return NULL;
     }
-    if (self->token != NULL || self->account->closed) {
+    if (self->entered || self->account->closed) {
         PyErr_SetString(PyExc_RuntimeError,
                         "this account was already entered");
         return NULL;
     }
-    meter_tls.depth++;
-    self->token = PyContextVar_Set(current_account_var, (PyObject *)self);
-    meter_tls.depth--;
-    if (self->token == NULL) {
+    PyObject *previous = NULL;
+    if (PyContextVar_Get(current_account_var, NULL, &previous) < 0) {
         return NULL;
     }
+    meter_tls.depth++;
+    PyObject *token = PyContextVar_Set(current_account_var, (PyObject *)self);
+    Py_XDECREF(token);
+    meter_tls.depth--;
+    if (token == NULL) {
+        Py_XDECREF(previous);
+        return NULL;
+    }
+    self->previous = previous;  /* the reference Get returned */
+    self->entered = 1;
     if (on_breach != Py_None) {
         self->on_breach = Py_NewRef(on_breach);
         self->account->owner = self;
@@ -181,14 +193,32 @@ Account_enter(AccountObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Account_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->token != NULL) {
-        meter_tls.depth++;
-        int rc = PyContextVar_Reset(current_account_var, self->token);
-        meter_tls.depth--;
-        if (rc < 0) {
-            return NULL;  /* another context: the account stays entered */
+    if (self->entered) {
+        /* Only where it is current: this context, nothing entered after it
+         * still entered.  (A ContextVar token would catch the first only.) */
+        PyObject *current = NULL;
+        if (PyContextVar_Get(current_account_var, NULL, &current) < 0) {
+            return NULL;
         }
-        Py_CLEAR(self->token);
+        Py_XDECREF(current);  /* only its identity is used */
+        if (current != (PyObject *)self) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "this account is not current here: leave() must "
+                            "run in the context of its enter(), after every "
+                            "account entered since was left");
+            return NULL;  /* the account stays entered */
+        }
+        meter_tls.depth++;
+        PyObject *token = PyContextVar_Set(
+            current_account_var,
+            self->previous != NULL ? self->previous : Py_None);
+        Py_XDECREF(token);
+        meter_tls.depth--;
+        if (token == NULL) {
+            return NULL;
+        }
+        Py_CLEAR(self->previous);
+        self->entered = 0;
     }
     account_t *a = self->account;
     a->owner = NULL;
