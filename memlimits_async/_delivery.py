@@ -29,13 +29,16 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from types import SimpleNamespace
+from types import SimpleNamespace, TracebackType
 from typing import Any, Protocol
+
+import anyio
 
 from ._meter import _core
 
 __all__ = [
     "TICK",
+    "CancelScopeLike",
     "LoopHandle",
     "call_later",
     "current_loop_handle",
@@ -60,11 +63,37 @@ _timer_inbox: collections.deque[tuple[float, Callable[[], object]]] = (
 )
 
 
+class CancelScopeLike(Protocol):
+    """What a scope needs of a cancel scope: anyio's, or trio's own."""
+
+    deadline: float
+
+    @property
+    def cancel_called(self) -> bool: ...
+
+    def cancel(self, reason: str | None = None) -> None: ...
+
+    def __enter__(self) -> object: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+
+
 class LoopHandle(Protocol):
     """What a scope needs from the event loop of its task."""
 
     thread_id: int
     """The thread the loop runs in."""
+
+    cancel_scope_type: Callable[..., CancelScopeLike]
+    """Makes cancel scopes for the loop's tasks (called with no argument, or
+    with ``deadline=`` and ``shield=``): the class itself rather than
+    ``anyio.CancelScope``, whose every call looks up the running library
+    (a third of a scope's entry and exit)."""
 
     def time(self) -> float:
         """The loop's clock, the one its deadlines use."""
@@ -78,11 +107,15 @@ class LoopHandle(Protocol):
 
 
 class _AsyncioLoopHandle:
-    __slots__ = ("loop", "thread_id")
+    __slots__ = ("cancel_scope_type", "loop", "thread_id")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.thread_id = threading.get_ident()  # made on the loop's thread
+        # anyio's asyncio backend class, which anyio.CancelScope() returns.
+        self.cancel_scope_type: Callable[..., CancelScopeLike] = type(
+            anyio.CancelScope()
+        )
 
     def time(self) -> float:
         return self.loop.time()
@@ -93,11 +126,15 @@ class _AsyncioLoopHandle:
 
 
 class _TrioLoopHandle:
-    __slots__ = ("thread_id", "token")
+    __slots__ = ("cancel_scope_type", "thread_id", "token")
 
     def __init__(self, token: object) -> None:
+        import trio
+
         self.token = token
         self.thread_id = threading.get_ident()  # made on the loop's thread
+        # anyio's trio backend wraps trio's scope and adds nothing we use.
+        self.cancel_scope_type: Callable[..., CancelScopeLike] = trio.CancelScope
 
     def time(self) -> float:
         import trio

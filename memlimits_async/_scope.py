@@ -3,9 +3,9 @@
 ``limit_scope(memory="50 MiB")`` is to live bytes what
 ``anyio.move_on_after(5)`` is to time: when the bytes held by the scope's
 tasks pass the limit, the scope is cancelled (at the task's next checkpoint,
-through an anyio ``CancelScope``, so level-triggered re-delivery, shields and
-nesting behave as anyio and trio users expect), and the scope then reports
-what happened.
+through an anyio cancel scope, trio's own on trio, so level-triggered
+re-delivery, shields and nesting behave as anyio and trio users expect), and
+the scope then reports what happened.
 
 Result contract (from memprof-limits):
 
@@ -45,6 +45,7 @@ from ._accounts import (
 )
 from ._budget import Budget, budget_arguments
 from ._delivery import (
+    CancelScopeLike,
     LoopHandle,
     current_loop_handle,
     retry_later,
@@ -152,7 +153,7 @@ class LimitScope:
     # written in __init__ is paid for every time.
     _state: str = _NEW
     _account: Account | None = None
-    _cancel_scope: anyio.CancelScope | None = None
+    _cancel_scope: CancelScopeLike | None = None
     _loop: LoopHandle | None = None
     _deadline: float = math.inf
     _started_at: float = 0.0
@@ -251,14 +252,15 @@ class LimitScope:
         if timeout is not None:
             self._started_at = loop.time() if loop is not None else time.monotonic()
             self._deadline = self._started_at + timeout
-        cancel_scope = owned = None
+        cancel_scope: CancelScopeLike | None = None
+        owned: CancelScopeLike | None = None  # entered here, exited on failure
         if loop is not None:
             cancel_scope = self._adopted
             if cancel_scope is None:
                 if timeout is None and not self._shield:
-                    cancel_scope = owned = anyio.CancelScope()
+                    cancel_scope = owned = loop.cancel_scope_type()
                 else:
-                    cancel_scope = owned = anyio.CancelScope(
+                    cancel_scope = owned = loop.cancel_scope_type(
                         deadline=self._deadline, shield=self._shield
                     )
                 owned.__enter__()
@@ -351,7 +353,7 @@ class LimitScope:
         return suppressed
 
     def _final_breach(
-        self, breach: Breach | None, cancel_scope: anyio.CancelScope | None
+        self, breach: Breach | None, cancel_scope: CancelScopeLike | None
     ) -> Breach | None:
         """The breach to report, the timeout included (known only now)."""
         if breach is None and self._preempted:

@@ -10,8 +10,8 @@ import pytest
 import trio
 
 import memlimits_async as ml
-from memlimits_async._accounts import current_account
 from helpers import KIB, MIB, churn, held_bytes, leak_until_cancelled
+from memlimits_async._accounts import current_account
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -413,7 +413,6 @@ def test_scope_can_be_entered_only_once() -> None:
         pass
 
 
-
 def test_leaving_before_a_scope_entered_later_is_refused() -> None:
     """Out-of-order exits (e.g. scopes in two interleaved generators) raise
     instead of leaving the later scope's account current after the earlier
@@ -435,6 +434,7 @@ def test_leaving_in_another_context_is_refused() -> None:
         contextvars.Context().run(scope.__exit__, None, None, None)
     scope.__exit__(None, None, None)  # in its own context it still can
     assert current_account.get(None) is None
+
 
 def test_repr_mentions_limits_and_state() -> None:
     scope = ml.limit_scope(memory="1 MiB", timeout=2)
