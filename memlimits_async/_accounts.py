@@ -110,12 +110,13 @@ child of the account current in this context.  Creating one installs the
 allocator hooks (again, with a ``RuntimeWarning``, if tracemalloc removed
 them).
 
-``account.enter(on_breach)`` makes it current in this context, so that every
+``account.enter(listener)`` makes it current in this context, so that every
 allocation sampled here, and in tasks and threads that copy this context, is
-charged to it and to its ancestors; ``on_breach`` (or None) is called by the
-delivery layer soon after the account passes a limit.  ``account.leave()``,
-in the same context, undoes that and closes the account: it keeps counting
-the blocks charged to it until they are freed, and never breaches again; it
+charged to it and to its ancestors; ``listener._on_breach()`` (unless
+``listener`` is None) is called by the delivery layer soon after the account
+passes a limit.  ``account.leave()``, where it is current, undoes that and
+closes the account: it keeps counting the blocks charged to it until they
+are freed, and never breaches again; it
 returns the breach record (as ``account.breach()``) and keeps the usage of
 that moment for ``account.usage_at_leave()``.
 Only what runs between the two is charged, so callers enter last and leave

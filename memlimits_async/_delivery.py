@@ -8,12 +8,13 @@ may run, and wakes this module in two ways (see ``_meter/accounts.c``):
 * a semaphore that the *delivery thread* below waits on, for event loops in
   other threads and for a main thread that is blocked in C.
 
-Either way :func:`_drain` runs with the GIL held, takes the callbacks of the
-breached accounts (given by ``account.enter(on_breach)``, dropped by
-``account.leave()``, so a scope that has exited is never called) and calls
-them.  A callback must only hand the work over to its own loop with that
-loop's thread- and signal-safe entry point (:class:`LoopHandle`): the pending
-call runs in the middle of arbitrary code, exactly like a signal handler.
+Either way :func:`_drain` runs with the GIL held, takes the listeners of the
+breached accounts (given by ``account.enter(listener)``, dropped by
+``account.leave()``, so a scope that has exited is never told) and calls
+their ``_on_breach()``, which must only hand the work over to its own loop
+with that loop's thread- and signal-safe entry point (:class:`LoopHandle`):
+the pending call runs in the middle of arbitrary code, exactly like a signal
+handler.
 """
 
 from __future__ import annotations
@@ -223,11 +224,11 @@ def report_unraisable(exc: BaseException, message: str, culprit: object) -> None
 
 
 def _drain() -> None:
-    for callback in _core.take_breached():
+    for listener in _core.take_breached():
         try:
-            callback()
+            listener._on_breach()
         except Exception as exc:  # nor stop the delivery thread
-            report_unraisable(exc, "Exception delivering a breach", callback)
+            report_unraisable(exc, "Exception delivering a breach", listener)
 
 
 # Run by the delivery thread at every tick (every 0.25 s).

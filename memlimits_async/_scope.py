@@ -281,11 +281,11 @@ class LimitScope:
         if cancel_scope is not None and self._cancel_requested:
             cancel_scope.cancel(self._cancel_reason)
         self._state = _ACTIVE
-        on_breach: Callable[[], None] | None = self._on_breach
+        listener: LimitScope | None = self
         try:
-            if loop is None:
-                on_breach = self._enter_outside_a_task()
-            if self._tokens and on_breach is not None:
+            if loop is None and not self._enter_outside_a_task():
+                listener = None
+            if self._tokens and listener is not None:
                 self._watch_tokens()
             if timeout is not None and self._grace() is not None:
                 watch_deadline(self, time.monotonic() + timeout)
@@ -294,7 +294,7 @@ class LimitScope:
                 # shield does it for cancellation).
                 self._region_token = region_account.set(account)
             # Last, so that only the body's allocations are charged.
-            account.enter(on_breach)
+            account.enter(listener)
         except BaseException:
             if self._region_token is not None:
                 region_account.reset(self._region_token)  # type: ignore[arg-type]
@@ -432,15 +432,15 @@ class LimitScope:
             default_grace() if self._preempt is None else parse_preempt(self._preempt)
         )
 
-    def _enter_outside_a_task(self) -> Callable[[], None] | None:
+    def _enter_outside_a_task(self) -> bool:
         """Outside a task, breaches are only waited for to preempt the body:
-        remember where it runs.  Returns the breach callback, if any."""
+        remember where it runs.  Returns whether to wait for them."""
         if self._grace() is None:
-            return None
+            return False
         self._entry_frame = sys._getframe(2)  # the frame of the `with`
         self._thread_id = threading.get_ident()
         start_delivery()
-        return self._on_breach
+        return True
 
     def _deadline_passed(self) -> None:
         """Any thread: the timeout expired while the body was running."""

@@ -443,7 +443,7 @@ def test_repr_mentions_limits_and_state() -> None:
     assert "new" in repr(scope)
 
 
-def test_a_failing_breach_callback_does_not_stop_delivery(
+def test_a_failing_breach_listener_does_not_stop_delivery(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from memlimits_async._meter import _core
@@ -457,16 +457,17 @@ def test_a_failing_breach_callback_does_not_stop_delivery(
             await leak_until_cancelled(held)
         return scope
 
-    # Every drain first meets a callback that raises: the scope's own must
-    # still run, and the failure be reported, not lost.
+    # Every drain first meets a listener that raises: the scope must still
+    # be told, and the failure be reported, not lost.
     calls: list[int] = []
 
-    def boom() -> None:
-        calls.append(1)
-        raise RuntimeError("delivery failed")
+    class Boom:
+        def _on_breach(self) -> None:
+            calls.append(1)
+            raise RuntimeError("delivery failed")
 
     original = _core.take_breached
-    monkeypatch.setattr(_core, "take_breached", lambda: [boom, *original()])
+    monkeypatch.setattr(_core, "take_breached", lambda: [Boom(), *original()])
     scope = anyio.run(main)
     assert scope.breached
     assert calls

@@ -227,16 +227,16 @@ account_credit(account_t *a, int64_t weight)
 PyObject *
 accounts_take_breached(void)
 {
-    PyObject *callbacks = PyList_New(0);
-    if (callbacks == NULL) {
+    PyObject *listeners = PyList_New(0);
+    if (listeners == NULL) {
         return NULL;
     }
     while (queue_head != NULL) {
         account_t *a = queue_head;
         AccountObject *owner = a->owner;
-        if (owner != NULL && owner->on_breach != NULL
-            && PyList_Append(callbacks, owner->on_breach) < 0) {
-            Py_DECREF(callbacks);
+        if (owner != NULL && owner->listener != NULL
+            && PyList_Append(listeners, owner->listener) < 0) {
+            Py_DECREF(listeners);
             return NULL;
         }
         queue_head = a->next_queued;
@@ -246,7 +246,7 @@ accounts_take_breached(void)
         a->next_queued = NULL;
         account_decref(a);
     }
-    return callbacks;
+    return listeners;
 }
 
 void

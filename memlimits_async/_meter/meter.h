@@ -73,7 +73,7 @@ typedef struct account {
     int global_participant;  /* may be stopped by the global memory limit */
     int interrupted;         /* a breach was delivered to its scope */
     void *owner;             /* AccountObject waiting for breaches (borrowed;
-                                set by enter(on_breach), cleared by leave) */
+                                set by enter(listener), cleared by leave) */
     int breach_kind;         /* first breach only; sticky */
     int64_t breach_limit;
     int64_t breach_observed;
@@ -104,8 +104,8 @@ extern int64_t global_live;
 extern int64_t global_external;  /* -1: measure global_live */
 extern Py_ssize_t accounts_live;   /* accounts allocated, not yet freed */
 void accounts_set_global_limit(int64_t limit);
-/* Pop every queued breached account; returns a new list of the breach
- * callbacks of those whose scope is still open (GIL). */
+/* Pop every queued breached account; returns a new list of the listeners
+ * of those whose scope is still open (GIL). */
 PyObject *accounts_take_breached(void);
 int accounts_wait_for_breach(double timeout);  /* releases the GIL */
 void accounts_wake_delivery_thread(void);
@@ -213,7 +213,8 @@ typedef struct {
     int entered;          /* between enter() and leave() */
     PyObject *previous;   /* while entered: the ContextVar's value before
                              enter() (NULL: unset), restored by leave() */
-    PyObject *on_breach;  /* callable while entered with one, else NULL */
+    PyObject *listener;   /* while entered with one: the object whose
+                             _on_breach() the delivery layer calls */
     int64_t left_usage[3];  /* allocated, live, peak_live at leave() */
 } AccountObject;
 

@@ -111,13 +111,13 @@ Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     return (PyObject *)self;
 }
 
-/* The callback is usually a bound method of the scope that owns this
- * object, hence a cycle until leave(): the type takes part in GC. */
+/* The listener is usually the scope that owns this object, hence a cycle
+ * until leave(): the type takes part in GC. */
 static int
 Account_traverse(AccountObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->previous);
-    Py_VISIT(self->on_breach);
+    Py_VISIT(self->listener);
     return 0;
 }
 
@@ -127,7 +127,7 @@ Account_clear(AccountObject *self)
     if (self->account != NULL) {
         self->account->owner = NULL;
     }
-    Py_CLEAR(self->on_breach);
+    Py_CLEAR(self->listener);
     Py_CLEAR(self->previous);
     return 0;
 }
@@ -155,13 +155,9 @@ Account_dealloc(AccountObject *self)
 static PyObject *
 Account_enter(AccountObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *on_breach = nargs > 0 ? args[0] : Py_None;
+    PyObject *listener = nargs > 0 ? args[0] : Py_None;
     if (nargs > 1) {
         PyErr_SetString(PyExc_TypeError, "enter() takes at most 1 argument");
-        return NULL;
-    }
-    if (on_breach != Py_None && !PyCallable_Check(on_breach)) {
-        PyErr_SetString(PyExc_TypeError, "on_breach must be callable or None");
         return NULL;
     }
     if (self->entered || self->account->closed) {
@@ -183,8 +179,10 @@ Account_enter(AccountObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     self->previous = previous;  /* the reference Get returned */
     self->entered = 1;
-    if (on_breach != Py_None) {
-        self->on_breach = Py_NewRef(on_breach);
+    if (listener != Py_None) {
+        /* The object itself, not a bound method of it: 64 bytes less for
+         * each idle scope. */
+        self->listener = Py_NewRef(listener);
         self->account->owner = self;
     }
     Py_RETURN_NONE;
@@ -222,7 +220,7 @@ Account_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
     }
     account_t *a = self->account;
     a->owner = NULL;
-    Py_CLEAR(self->on_breach);
+    Py_CLEAR(self->listener);
     account_close(a);
     self->left_usage[0] = a->allocated;
     self->left_usage[1] = a->live;
@@ -296,11 +294,12 @@ static PyMethodDef Account_methods[] = {
     {"breach", (PyCFunction)Account_breach, METH_NOARGS,
      "breach() -> None | (kind, limit, observed): the first limit passed."},
     {"enter", (PyCFunction)(void (*)(void))Account_enter, METH_FASTCALL,
-     "enter(on_breach=None): make this account current in this context;\n"
-     "on_breach is called (by the delivery layer) if it breaches before\n"
-     "leave()."},
+     "enter(listener=None): make this account current in this context;\n"
+     "listener._on_breach() is called (by the delivery layer) if it\n"
+     "breaches before leave()."},
     {"leave", (PyCFunction)Account_leave, METH_NOARGS,
-     "leave() -> breach(): undo enter() (same context) and close the account:\n"
+     "leave() -> breach(): undo enter() (where it is current) and close the\n"
+     "account:\n"
      "it keeps counting the blocks charged to it, and never breaches again.\n"
      "Its usage at this moment stays available from usage_at_leave()."},
     {"usage_at_leave", (PyCFunction)Account_usage_at_leave, METH_NOARGS,
@@ -506,7 +505,7 @@ static PyMethodDef meter_methods[] = {
      "Set the configured (maximum) mean sampling interval in bytes."},
     {"stats", meter_stats, METH_NOARGS, "Counters of the meter."},
     {"take_breached", meter_take_breached, METH_NOARGS,
-     "Breach callbacks of the accounts breached since the last call."},
+     "Listeners of the accounts breached since the last call."},
     {"wait_for_breach", meter_wait_for_breach, METH_O,
      "Block (GIL released) until a breach is queued or timeout passes."},
     {"wake_delivery_thread", meter_wake_delivery_thread, METH_NOARGS,
