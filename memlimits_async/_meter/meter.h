@@ -184,7 +184,27 @@ Py_ssize_t blocks_capacity(void);
 uint64_t blocks_filter_false_positives(void);
 void blocks_note_false_positive(void);
 
-/* ---- hooks (hooks.c) ---- */
+/* ---- hooks (hooks.c) ----
+ * The slow paths of the MEM/OBJ hooks, for other allocator wrappers too:
+ * called with the allocator below (a function and its context) when the
+ * countdown reached a mark, or for a realloc of a possibly tracked block
+ * (`counted`: the caller already subtracted `size` from the countdown).
+ * They call the allocator below in every case, and touch shared state only
+ * if this thread holds the main interpreter's GIL; otherwise the mark is
+ * dropped (the countdown restarts) and the allocation goes unmetered. */
+typedef void *(*meter_malloc_fn)(void *ctx, size_t size);
+typedef void *(*meter_calloc_fn)(void *ctx, size_t nelem, size_t elsize);
+typedef void *(*meter_realloc_fn)(void *ctx, void *ptr, size_t new_size);
+void *meter_malloc_slow(meter_malloc_fn below, void *ctx, thread_meter_t *t,
+                        size_t size);
+void *meter_calloc_slow(meter_calloc_fn below, void *ctx, thread_meter_t *t,
+                        size_t nelem, size_t elsize, size_t size);
+void *meter_realloc_slow(meter_realloc_fn below, void *ctx, thread_meter_t *t,
+                         void *ptr, size_t size, int counted);
+/* Credit the record of a block about to be freed, if it has one (call only
+ * when blocks_maybe_tracked(ptr), before the block is freed). */
+void meter_forget(void *ptr);
+
 int hooks_install(void);         /* idempotent; -1 with exception on failure */
 int hooks_installed(void);
 /* 1 = still on top (or below a later wrapper that calls us), 0 = re-installed. */
