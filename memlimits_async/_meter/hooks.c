@@ -46,8 +46,8 @@ static uint64_t stat_reinstalls = 0;
 
 /* True when shared meter state may be touched from this hook call: the
  * calling thread holds the GIL of the main interpreter.  MEM/OBJ hooks are
- * always called with a GIL, but other allocator wrappers may be called
- * without one, which 3.11 cannot tell from the thread state alone:
+ * always called with a GIL, but numpy's data handler may be called without
+ * one (numpy_handler.c), which 3.11 cannot tell from the thread state alone:
  * there _PyThreadState_UncheckedGet() is the GIL holder's thread state,
  * whichever thread asks, so it must also be this thread's own.  From 3.12 it
  * is this thread's attached thread state, NULL while it has released the
@@ -180,7 +180,7 @@ meter_forget(void *ptr)
  * the debug hooks, tracemalloc) call the RAW domain or libc, never a hooked
  * domain, so the only code that can re-enter our hooks is our own slow path,
  * and that is where it is guarded.  They take the allocator below as a
- * function and its context, so that other allocator wrappers can go
+ * function and its context, so that numpy's handler (numpy_handler.c) goes
  * through the very same paths. */
 void *__attribute__((noinline))
 meter_malloc_slow(meter_malloc_fn below, void *ctx, thread_meter_t *t,
@@ -453,6 +453,7 @@ hooks_stats(PyObject *dict)
 {
     SET_STAT(dict, "installed", installed);
     SET_STAT(dict, "reinstalls", stat_reinstalls);
+    SET_STAT(dict, "numpy_handler", numpy_handler_wrapped());
     SET_STAT(dict, "samples", stat_samples);
     SET_STAT(dict, "unattributed_samples", stat_unattributed);
     SET_STAT(dict, "global_live", global_live);
