@@ -478,7 +478,11 @@ async def test_numpy_steady_buildup_is_stopped_between_8_and_12_mib(
     # One more 4 KiB array may be appended before the checkpoint that
     # delivers the breach.  P(false failure) < 4.2e-11.
     np = pytest.importorskip("numpy")
-    header = sys.getsizeof(np.empty(0)) - 1  # over-estimates by a few bytes
+    ml.configure(sampling_interval=1)
+    try:
+        header = array_header(np)
+    finally:
+        ml.configure(sampling_interval="64 KiB")
     held: list[Any] = []
     async with ml.limit_scope(memory="10 MiB") as scope:
         while True:
@@ -494,8 +498,8 @@ def test_numpy_estimate_of_held_buffers_is_unbiased() -> None:
     # 20,000 arrays of 4,000 bytes held in one scope at R = 4 KiB: 80 MB of
     # buffers plus the array objects and the list, T < 83 MB true (measured
     # below at interval 1).  The estimate is R * Poisson(T / R) with
-    # T / R > 19,500 marks; off by more than 5% (> 975 marks, 6.9 sd):
-    # P(false failure) < 1e-11.
+    # T / R > 19,531 marks; off by more than 5% (7 sd):
+    # P(false failure) = P(|Poisson(19531) - 19531| > 976) = 3.0e-12.
     np = pytest.importorskip("numpy")
 
     def hold() -> ml.Usage:
