@@ -55,6 +55,7 @@ setup(
                 "memlimits_async/_meter/blocks.c",
                 "memlimits_async/_meter/sampler.c",
                 "memlimits_async/_meter/interrupts.c",
+                "memlimits_async/_meter/numpy_handler.c",
             ],
             depends=["memlimits_async/_meter/meter.h"],
             extra_compile_args=compile_args,

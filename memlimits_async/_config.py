@@ -52,6 +52,9 @@ class MeterStats:
     """True once the first scope has installed the allocator hooks."""
     hook_reinstalls: int
     """Times the hooks were found removed (tracemalloc.stop()) and put back."""
+    numpy_buffers_metered: bool
+    """True once numpy's default data handler is wrapped, so that numpy
+    array buffers are metered (numpy imported, and a scope entered since)."""
     samples: int
     """Samples charged to some scope."""
     unattributed_samples: int
@@ -84,6 +87,7 @@ def stats() -> MeterStats:
     return MeterStats(
         hooks_installed=bool(raw["installed"]),
         hook_reinstalls=raw["reinstalls"],
+        numpy_buffers_metered=bool(raw["numpy_handler"]),
         samples=raw["samples"],
         unattributed_samples=raw["unattributed_samples"],
         dropped_samples=raw["dropped_samples"],

@@ -44,11 +44,24 @@ static uint64_t stat_unattributed = 0;  /* samples outside any scope */
 static uint64_t stat_dropped = 0;       /* samples lost to table OOM */
 static uint64_t stat_reinstalls = 0;
 
-/* True when shared meter state may be touched from this hook call. */
+/* True when shared meter state may be touched from this hook call: the
+ * calling thread holds the GIL of the main interpreter.  MEM/OBJ hooks are
+ * always called with a GIL, but numpy's data handler may be called without
+ * one (numpy_handler.c), which 3.11 cannot tell from the thread state alone:
+ * there _PyThreadState_UncheckedGet() is the GIL holder's thread state,
+ * whichever thread asks, so it must also be this thread's own.  From 3.12 it
+ * is this thread's attached thread state, NULL while it has released the
+ * GIL.  (Not PyGILState_Check(): it answers 1 for every thread once a
+ * subinterpreter has been created.) */
 static inline int
-in_main_interpreter(void)
+holds_main_gil(void)
 {
     PyThreadState *ts = _PyThreadState_UncheckedGet();
+#if PY_VERSION_HEX < 0x030C0000
+    if (ts != PyGILState_GetThisThreadState()) {
+        return 0;
+    }
+#endif
     return ts != NULL && PyThreadState_GetInterpreter(ts) == main_interp;
 }
 
@@ -97,7 +110,7 @@ sample(thread_meter_t *t, void *ptr, size_t size, int64_t overshoot)
     if (METER_UNLIKELY(t->epoch != sampler_epoch)) {
         /* First allocation of this thread, or R changed since its countdown
          * was drawn: (re)start its Poisson process at this allocation. */
-        if (t->mean == 0 && in_main_interpreter()) {
+        if (t->mean == 0 && holds_main_gil()) {
             sampler_register_thread(t);
         }
         sampler_redraw(t);
@@ -116,7 +129,7 @@ sample(thread_meter_t *t, void *ptr, size_t size, int64_t overshoot)
     }
     sampler_redraw(t);
     if (ptr == NULL || weight == 0 || !attribution_enabled
-        || !in_main_interpreter()) {
+        || !holds_main_gil()) {
         return;
     }
     account_t *account = current_account();
@@ -146,11 +159,11 @@ drop_mark(thread_meter_t *t)
     }
 }
 
-static void
-forget(void *ptr)
+void
+meter_forget(void *ptr)
 {
     block_t block;
-    if (!in_main_interpreter()) {
+    if (!holds_main_gil()) {
         return;
     }
     if (blocks_take((uintptr_t)ptr, &block)) {
@@ -166,33 +179,36 @@ forget(void *ptr)
  * lives here, not on the fast path: MEM/OBJ allocators below us (pymalloc,
  * the debug hooks, tracemalloc) call the RAW domain or libc, never a hooked
  * domain, so the only code that can re-enter our hooks is our own slow path,
- * and that is where it is guarded. */
-static void *__attribute__((noinline))
-malloc_slow(domain_hook_t *hook, thread_meter_t *t, size_t size)
+ * and that is where it is guarded.  They take the allocator below as a
+ * function and its context, so that numpy's handler (numpy_handler.c) goes
+ * through the very same paths. */
+void *__attribute__((noinline))
+meter_malloc_slow(meter_malloc_fn below, void *ctx, thread_meter_t *t,
+                  size_t size)
 {
     if (t->depth) {
         drop_mark(t);
-        return hook->prev.malloc(hook->prev.ctx, size);
+        return below(ctx, size);
     }
     int64_t overshoot = -t->countdown;
     t->depth = 1;
-    void *ptr = hook->prev.malloc(hook->prev.ctx, size);
+    void *ptr = below(ctx, size);
     sample(t, ptr, size, overshoot);
     t->depth = 0;
     return ptr;
 }
 
-static void *__attribute__((noinline))
-calloc_slow(domain_hook_t *hook, thread_meter_t *t, size_t nelem,
-            size_t elsize, size_t size)
+void *__attribute__((noinline))
+meter_calloc_slow(meter_calloc_fn below, void *ctx, thread_meter_t *t,
+                  size_t nelem, size_t elsize, size_t size)
 {
     if (t->depth) {
         drop_mark(t);
-        return hook->prev.calloc(hook->prev.ctx, nelem, elsize);
+        return below(ctx, nelem, elsize);
     }
     int64_t overshoot = -t->countdown;
     t->depth = 1;
-    void *ptr = hook->prev.calloc(hook->prev.ctx, nelem, elsize);
+    void *ptr = below(ctx, nelem, elsize);
     sample(t, ptr, size, overshoot);
     t->depth = 0;
     return ptr;
@@ -200,16 +216,19 @@ calloc_slow(domain_hook_t *hook, thread_meter_t *t, size_t nelem,
 
 /* A realloc of a possibly tracked block, or one that reached a mark.
  * `counted`: the fast path already subtracted `size` from the countdown. */
-static void *__attribute__((noinline))
-realloc_slow(domain_hook_t *hook, thread_meter_t *t, void *ptr, size_t size,
-             int counted)
+void *__attribute__((noinline))
+meter_realloc_slow(meter_realloc_fn below, void *ctx, thread_meter_t *t,
+                   void *ptr, size_t size, int counted)
 {
     /* The old block's record is taken out before the call: once realloc
      * returns, its address may already belong to someone else.  This is
-     * done even where nothing is metered, or the record would go stale. */
+     * done even where nothing is metered, or the record would go stale.
+     * (Without the main GIL it cannot be: if the block moves, its record is
+     * left behind, stale, like that of a free made in another interpreter,
+     * and is settled when that address is next sampled or freed.) */
     block_t old;
     int had_record = ptr != NULL && blocks_maybe_tracked(ptr)
-                     && in_main_interpreter()
+                     && holds_main_gil()
                      && blocks_take((uintptr_t)ptr, &old);
     if (!counted) {
         t->countdown -= (int64_t)size;
@@ -221,7 +240,7 @@ realloc_slow(domain_hook_t *hook, thread_meter_t *t, void *ptr, size_t size,
         drop_mark(t);
     }
     t->depth = 1;
-    void *new_ptr = hook->prev.realloc(hook->prev.ctx, ptr, size);
+    void *new_ptr = below(ctx, ptr, size);
     if (had_record) {
         if (new_ptr == NULL
             && blocks_insert((uintptr_t)ptr, old.account, old.weight) == 0) {
@@ -251,7 +270,7 @@ hook_malloc(void *ctx, size_t size)
     if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
         return hook->prev.malloc(hook->prev.ctx, size);
     }
-    return malloc_slow(hook, t, size);
+    return meter_malloc_slow(hook->prev.malloc, hook->prev.ctx, t, size);
 }
 
 static void *
@@ -266,7 +285,8 @@ hook_calloc(void *ctx, size_t nelem, size_t elsize)
     if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
         return hook->prev.calloc(hook->prev.ctx, nelem, elsize);
     }
-    return calloc_slow(hook, t, nelem, elsize, size);
+    return meter_calloc_slow(hook->prev.calloc, hook->prev.ctx, t, nelem,
+                             elsize, size);
 }
 
 static void *
@@ -275,19 +295,21 @@ hook_realloc(void *ctx, void *ptr, size_t size)
     domain_hook_t *hook = ctx;
     thread_meter_t *t = &meter_tls;
     if (METER_UNLIKELY(ptr != NULL && blocks_maybe_tracked(ptr))) {
-        return realloc_slow(hook, t, ptr, size, 0);
+        return meter_realloc_slow(hook->prev.realloc, hook->prev.ctx, t, ptr,
+                                  size, 0);
     }
     if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
         return hook->prev.realloc(hook->prev.ctx, ptr, size);
     }
-    return realloc_slow(hook, t, ptr, size, 1);
+    return meter_realloc_slow(hook->prev.realloc, hook->prev.ctx, t, ptr,
+                              size, 1);
 }
 
 /* Out of line, so that the free fast path needs no stack frame. */
 static void __attribute__((noinline))
 free_tracked(domain_hook_t *hook, void *ptr)
 {
-    forget(ptr);
+    meter_forget(ptr);
     hook->prev.free(hook->prev.ctx, ptr);
 }
 
@@ -431,6 +453,7 @@ hooks_stats(PyObject *dict)
 {
     SET_STAT(dict, "installed", installed);
     SET_STAT(dict, "reinstalls", stat_reinstalls);
+    SET_STAT(dict, "numpy_handler", numpy_handler_wrapped());
     SET_STAT(dict, "samples", stat_samples);
     SET_STAT(dict, "unattributed_samples", stat_unattributed);
     SET_STAT(dict, "global_live", global_live);

@@ -1,6 +1,7 @@
 /* The allocation meter: shared declarations of the C layer.
  *
- * The meter wraps CPython's MEM and OBJ allocator domains, samples the bytes
+ * The meter wraps CPython's MEM and OBJ allocator domains (and numpy's
+ * default data handler, numpy_handler.c), samples the bytes
  * they hand out with a Poisson process (every byte is "marked" with
  * probability 1/R), charges each sample to the account found in a ContextVar
  * of the allocating context and to every enclosing account, remembers sampled
@@ -14,7 +15,8 @@
  * this layer (accounts, the block table, the breach queue, the interval
  * buckets) is touched only by a thread that holds the GIL of the *main*
  * interpreter.  MEM/OBJ hooks are called with the GIL held; a hook running in
- * another interpreter (which may have its own GIL) leaves shared state alone.
+ * another interpreter (which may have its own GIL), or numpy's handler
+ * called without the GIL, leaves shared state alone.
  * The only state touched without that guarantee is thread-local (the
  * sampler's countdown) or read-only (the filter bytes, which are never
  * freed).  The free-threaded build is refused at import.
@@ -184,7 +186,27 @@ Py_ssize_t blocks_capacity(void);
 uint64_t blocks_filter_false_positives(void);
 void blocks_note_false_positive(void);
 
-/* ---- hooks (hooks.c) ---- */
+/* ---- hooks (hooks.c) ----
+ * The slow paths of the MEM/OBJ hooks, shared with numpy's data handler:
+ * called with the allocator below (a function and its context) when the
+ * countdown reached a mark, or for a realloc of a possibly tracked block
+ * (`counted`: the caller already subtracted `size` from the countdown).
+ * They call the allocator below in every case, and touch shared state only
+ * if this thread holds the main interpreter's GIL; otherwise the mark is
+ * dropped (the countdown restarts) and the allocation goes unmetered. */
+typedef void *(*meter_malloc_fn)(void *ctx, size_t size);
+typedef void *(*meter_calloc_fn)(void *ctx, size_t nelem, size_t elsize);
+typedef void *(*meter_realloc_fn)(void *ctx, void *ptr, size_t new_size);
+void *meter_malloc_slow(meter_malloc_fn below, void *ctx, thread_meter_t *t,
+                        size_t size);
+void *meter_calloc_slow(meter_calloc_fn below, void *ctx, thread_meter_t *t,
+                        size_t nelem, size_t elsize, size_t size);
+void *meter_realloc_slow(meter_realloc_fn below, void *ctx, thread_meter_t *t,
+                         void *ptr, size_t size, int counted);
+/* Credit the record of a block about to be freed, if it has one (call only
+ * when blocks_maybe_tracked(ptr), before the block is freed). */
+void meter_forget(void *ptr);
+
 int hooks_install(void);         /* idempotent; -1 with exception on failure */
 int hooks_installed(void);
 /* 1 = still on top (or below a later wrapper that calls us), 0 = re-installed. */
@@ -194,6 +216,15 @@ int hooks_init_module(PyObject *context_var, PyTypeObject *account_type);
 void hooks_disable_attribution(void);
 /* The account of the running context, borrowed, or NULL (GIL held). */
 account_t *current_account(void);
+
+/* ---- numpy's array buffers (numpy_handler.c) ---- */
+/* True until numpy's default handler is wrapped, or found impossible to
+ * wrap: numpy_handler_poll() (GIL) then looks for numpy in sys.modules and
+ * wraps its handler once it is there.  Never leaves an exception set. */
+extern int numpy_handler_pending;
+void numpy_handler_poll(void);
+int numpy_handler_wrapped(void);
+int numpy_handler_init(void);
 
 /* ---- interrupts (interrupts.c): raising into running code ---- */
 PyObject *interrupts_set_handler(PyObject *module, PyObject *const *args,

@@ -38,10 +38,15 @@ parse_limit(PyObject *value, const char *name, int64_t *out)
 
 /* Install the hooks, or install them again (with a warning) if they were
  * removed: tracemalloc, started before us and then stopped, restores the
- * allocators it saved, which do not include ours. */
+ * allocators it saved, which do not include ours.  Until numpy's data
+ * handler is wrapped, also look whether numpy has been imported since (a
+ * dict lookup, at every scope entry and upkeep tick). */
 static int
 ensure_hooks(void)
 {
+    if (numpy_handler_pending) {
+        numpy_handler_poll();
+    }
     if (!hooks_installed()) {
         return hooks_install();
     }
@@ -533,6 +538,10 @@ PyInit__core(void)
     }
     PyObject *module = PyModule_Create(&meter_module);
     if (module == NULL) {
+        return NULL;
+    }
+    if (numpy_handler_init() < 0) {
+        Py_DECREF(module);
         return NULL;
     }
     if (sampler_init() < 0) {

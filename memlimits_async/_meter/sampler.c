@@ -159,7 +159,11 @@ sampler_after_fork_child(void)
  * stale epoch makes it restart its countdown with the new R.  Writing
  * another thread's countdown is safe: we hold the GIL, and a registered
  * thread only touches its countdown inside a hook, i.e. with the GIL (only
- * threads of the main interpreter register; see hooks.c). */
+ * threads of the main interpreter register; see hooks.c).  The exception is
+ * numpy's handler called without the GIL (numpy_handler.c): its subtraction
+ * may overwrite our 0, and that thread then adopts the new R at its next
+ * sample instead of now; its samples keep the weight they were drawn with,
+ * so estimates stay unbiased. */
 static void
 expire_all_countdowns(void)
 {
