@@ -100,7 +100,7 @@ Idle = Callable[[Any], Awaitable[None]]
 """Runs while every child is parked; gets the group."""
 
 
-async def _lifetime(variant: str, n: int, idle: Idle) -> tuple[float, float]:
+async def lifetime(variant: str, n: int, idle: Idle) -> tuple[float, float]:
     """Spawn and finish times of ``n`` children of a plain anyio group
     (``"plain"``), of one whose children each open a ``limit_scope`` with the
     budget by hand (``"scoped"``), or of a budgeted group with a budget per
@@ -129,7 +129,7 @@ async def _lifetime(variant: str, n: int, idle: Idle) -> tuple[float, float]:
     return spawned - begin, end - resumed
 
 
-async def _nothing(*_: object) -> None:
+async def nothing(*_: object) -> None:
     pass
 
 
@@ -150,12 +150,12 @@ async def _one_round(n: int, round_no: int, listings: int) -> dict[str, Any]:
                 raise SystemExit(f"children() listed {len(snapshot)} of {n}")
 
     for variant in VARIANTS:  # warm up both code paths
-        await _lifetime(variant, min(n, 200), _nothing)
+        await lifetime(variant, min(n, 200), nothing)
     for variant in order:
         gc.collect()
-        out[variant] = await _lifetime(variant, n, _nothing)
+        out[variant] = await lifetime(variant, n, nothing)
     gc.collect()
-    await _lifetime("budgeted", n, list_children)
+    await lifetime("budgeted", n, list_children)
     out["children"] = min(listing_times)
     return out
 
@@ -174,20 +174,21 @@ def collect_times(
 # ---- memory, in fresh interpreters ----
 
 
-def _rss() -> int:
+def rss() -> int:
+    """This process's resident set size now, in bytes."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 async def _probe(variant: str, n: int, measure: str) -> int:
     """Bytes held per idle child of ``variant`` (run in a fresh interpreter)."""
-    await _lifetime(variant, 100, _nothing)  # imports, code paths, meter tables
+    await lifetime(variant, 100, nothing)  # imports, code paths, meter tables
     held: list[int] = []
 
     def reading() -> int:
         if measure == "tracemalloc":
             return tracemalloc.get_traced_memory()[0]
-        return _rss()
+        return rss()
 
     async def idle(*_: object) -> None:
         gc.collect()
@@ -197,7 +198,7 @@ async def _probe(variant: str, n: int, measure: str) -> int:
     if measure == "tracemalloc":
         tracemalloc.start()
     before = reading()
-    await _lifetime(variant, n, idle)
+    await lifetime(variant, n, idle)
     return held[0] // n
 
 
