@@ -151,6 +151,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 def summary(n: int, results: dict[str, list[dict[str, dict[str, Any]]]]) -> Any:
     """The figures of the report, per backend and variant."""
     out: dict[str, Any] = {
+        "python": sys.version.split()[0],
         "n": n,
         "rounds": len(next(iter(results.values()))),
         "backends": {},
