@@ -25,7 +25,7 @@ simulation anywhere:
 
 (c) **Estimate against exact, at several intervals.**  A task keeps a 1 KiB
     ``bytes`` and decodes one small JSON document per step, 2048 steps
-    (about 27 MiB allocated, 2.2 MiB still held at the end), inside a
+    (27-29 MiB allocated, 2.1 MiB still held at the end), inside a
     ``limit_scope()`` without limits, with the sampling interval set by
     ``configure(sampling_interval=R)`` for R = 4 KiB, 64 KiB (the default)
     and 512 KiB.  The scope's ``usage.allocated`` and ``usage.live`` at exit
