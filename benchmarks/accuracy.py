@@ -23,6 +23,20 @@ simulation anywhere:
     re-draws their sample count; see docs/accuracy.md, "Live limits under
     churn").
 
+(c) **Estimate against exact, at several intervals.**  A task keeps a 1 KiB
+    ``bytes`` and decodes one small JSON document per step, 2048 steps
+    (27-29 MiB allocated, 2.1 MiB still held at the end), inside a
+    ``limit_scope()`` without limits, with the sampling interval set by
+    ``configure(sampling_interval=R)`` for R = 4 KiB, 64 KiB (the default)
+    and 512 KiB.  The scope's ``usage.allocated`` and ``usage.live`` at exit
+    are compared with the same trial in exact mode (R = 1, every allocation
+    charged with its exact size), the ground truth: mean and spread of
+    estimate / exact, next to the model's relative sd ``sqrt(R / T)``.
+    Each interval (and the exact mode) runs in fresh worker processes, so no
+    countdown drawn at one interval leaks into another; a warm-up trial
+    precedes the measured ones.  ``--intervals-only`` runs this part alone
+    (what ``run_all.py`` does).
+
 Why it is built this way:
 
 * Trials run in 2 worker processes (both cores), started with *spawn*, so
@@ -61,7 +75,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
@@ -319,6 +333,163 @@ def run_churn_chunk(
     return _calibrate(), results
 
 
+INTERVALS = (4 * KiB, 64 * KiB, 512 * KiB)
+"""Sampling intervals compared with the exact mode in (c)."""
+INTERVAL_STEPS = 2048
+"""Steps of one (c) trial: keep a 1 KiB ``bytes``, decode one JSON document."""
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalResult:
+    """One (c) trial: what the scope reported at exit."""
+
+    interval: int
+    """The sampling interval in force inside the scope."""
+    allocated: int
+    live: int
+    held: int
+    """True bytes of the held structure, from ``sys.getsizeof``."""
+
+
+async def _interval_trial() -> IntervalResult:
+    """Keep 1 KiB and decode one document per step, in a scope without limits
+    (so the interval is the configured one)."""
+    held: list[bytes] = []
+    with limit_scope() as scope:
+        interval = stats().sampling_interval
+        for step in range(INTERVAL_STEPS):
+            held.append(bytes(ITEM_PAYLOAD))
+            _churn_step(0)
+            if step % CHECKPOINT_EVERY == 0:
+                await anyio.sleep(0)
+    usage = scope.usage
+    return IntervalResult(interval, usage.allocated, usage.live, _held_size(held))
+
+
+def run_interval_chunk(
+    interval: int, trials: int, backend: str
+) -> list[IntervalResult]:
+    """Worker entry point (a fresh process): one warm-up trial, then
+    ``trials`` trials, all at ``interval`` (1: exact mode)."""
+    configure(sampling_interval=interval)
+
+    async def main() -> list[IntervalResult]:
+        await _interval_trial()  # caches, code paths, any earlier countdown
+        return [await _interval_trial() for _ in range(trials)]
+
+    results = anyio.run(main, backend=backend)
+    wrong = {r.interval for r in results} - {interval}
+    if wrong:
+        raise RuntimeError(f"asked for interval {interval}, scopes saw {wrong}")
+    return results
+
+
+def _interval_study(
+    trials: int, exact_trials: int, workers: int, backend: str
+) -> dict[int, list[IntervalResult]]:
+    """interval -> results, 1 (exact) included; every chunk in a fresh process."""
+    context = multiprocessing.get_context("spawn")
+    plan = [(1, exact_trials), *((r, trials) for r in INTERVALS)]
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, max_tasks_per_child=1
+    ) as pool:
+        futures = {
+            interval: [
+                pool.submit(run_interval_chunk, interval, n, backend)
+                for n in _chunks(count, workers)
+                if n > 0
+            ]
+            for interval, count in plan
+        }
+        return {
+            interval: [
+                r for chunk in _gather(chunks, f"interval {interval}") for r in chunk
+            ]
+            for interval, chunks in futures.items()
+        }
+
+
+def interval_summary(results: dict[int, list[IntervalResult]]) -> dict[str, Any]:
+    """Per interval and quantity: estimate / exact (mean, its standard
+    error, sd, min, max) and the model's relative sd sqrt(R / exact)."""
+    exact = results[1]
+    truth = {
+        "allocated": statistics.median(r.allocated for r in exact),
+        "live": statistics.median(r.live for r in exact),
+    }
+    spread = {
+        q: (max(getattr(r, q) for r in exact) - min(getattr(r, q) for r in exact))
+        / truth[q]
+        for q in truth
+    }
+    rows: list[dict[str, Any]] = []
+    for interval, runs in results.items():
+        if interval == 1:
+            continue
+        for quantity, true in truth.items():
+            ratios = [getattr(r, quantity) / true for r in runs]
+            sd = statistics.stdev(ratios) if len(ratios) > 1 else math.nan
+            rows.append(
+                {
+                    "interval": interval,
+                    "quantity": quantity,
+                    "trials": len(runs),
+                    "exact_bytes": true,
+                    "mean": statistics.fmean(ratios),
+                    "se": sd / math.sqrt(len(ratios)),
+                    "sd": sd,
+                    "model_sd": math.sqrt(interval / true),
+                    "min": min(ratios),
+                    "max": max(ratios),
+                }
+            )
+    return {
+        "python": platform.python_version(),
+        "steps": INTERVAL_STEPS,
+        "exact_trials": len(exact),
+        "exact_spread": spread,
+        "held_getsizeof": statistics.median(r.held for r in exact),
+        "rows": rows,
+    }
+
+
+def _report_intervals(figures: dict[str, Any]) -> str:
+    rows = [
+        [
+            f"{row['interval'] // KiB} KiB",
+            row["quantity"],
+            str(row["trials"]),
+            _mib(row["exact_bytes"]),
+            f"{row['mean']:.4f} ± {row['se']:.4f}",
+            f"{row['sd']:.4f}",
+            f"{row['model_sd']:.4f}",
+            f"{row['min']:.3f}-{row['max']:.3f}",
+        ]
+        for row in figures["rows"]
+    ]
+    headers = [
+        "R",
+        "usage",
+        "trials",
+        "exact MiB",
+        "estimate/exact: mean ± se",
+        "sd",
+        "model sd sqrt(R/T)",
+        "min-max",
+    ]
+    spread = figures["exact_spread"]
+    return "\n".join(
+        [
+            _table(headers, rows),
+            "",
+            f"exact (R = 1): {figures['exact_trials']} trials, max - min = "
+            f"{spread['allocated']:.2%} of allocated, {spread['live']:.2%} of "
+            f"live; the held structure by sys.getsizeof: "
+            f"{_mib(figures['held_getsizeof'])} MiB",
+        ]
+    )
+
+
 # ---------------------------------------------------------------------------
 # The model (docs/accuracy.md), for the "predicted" columns.
 
@@ -533,63 +704,14 @@ def _describe_package() -> str:
     return f"{where} ({commit})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--trials", type=int, default=1000, help="churn trials per variant (1000)"
-    )
-    parser.add_argument(
-        "--buildup-trials", type=int, default=1000, help="build-up trials (1000)"
-    )
-    parser.add_argument(
-        "--volume-mib",
-        type=int,
-        default=1024,
-        help="bytes churned per trial, MiB (1024 = 1 GiB)",
-    )
-    parser.add_argument(
-        "--variant",
-        action="append",
-        choices=[v.key for v in VARIANTS],
-        help="churn variant to run (repeatable; default: all)",
-    )
-    parser.add_argument("--workers", type=int, default=2, help="processes (2)")
-    parser.add_argument(
-        "--budget-minutes",
-        type=float,
-        default=20.0,
-        help="cut churn trials down to fit this wall time (20)",
-    )
-    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: 100 build-ups, 40 churn trials of 128 MiB per variant",
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.trials, args.buildup_trials, args.volume_mib = 40, 100, 128
-    volume = args.volume_mib * MiB
-    workers = max(1, args.workers)
-    variants = [v for v in VARIANTS if args.variant is None or v.key in args.variant]
-    if args.trials <= 0:
-        variants = []
-
-    command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
-    print(f"command: {command}")
-    print(f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(
-        f"python: {platform.python_version()} ({platform.machine()}), "
-        f"backend {args.backend}, {workers} worker processes, "
-        f"{os.cpu_count()} CPUs"
-    )
-    print(f"package: {_describe_package()}")
-    print(f"limit: memory={LIMIT // MiB} MiB; churn holds {HOLD // MiB} MiB\n")
-
+def _limit_study(
+    args: argparse.Namespace, volume: int, workers: int, variants: list[Variant]
+) -> dict[str, str]:
+    """(a) and (b): print their reports; return their tables for --json."""
+    tables: dict[str, str] = {}
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         # Pilot: one trial of each kind, to time them before committing.
-        begin = time.perf_counter()
         pilot_buildup = pool.submit(
             run_buildup_chunk, min(1, args.buildup_trials), args.backend
         )
@@ -643,14 +765,106 @@ def main(argv: list[str] | None = None) -> int:
 
     if buildup:
         print("\n(a) steady build-up under memory=10 MiB: true bytes held at stop\n")
-        print(_report_buildup(buildup, buildup_wall))
+        tables["buildup"] = _report_buildup(buildup, buildup_wall)
+        print(tables["buildup"])
     if churn_rows:
         print(
             f"\n(b) holding {HOLD // MiB} MiB while churning "
             f"{volume / GiB:g} GiB under memory=10 MiB: false stops\n"
         )
-        print(_report_churn(churn_rows, walls))
+        tables["churn"] = _report_churn(churn_rows, walls)
+        print(tables["churn"])
         print(_false_stop_details(churn_rows))
+    return tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--trials", type=int, default=1000, help="churn trials per variant (1000)"
+    )
+    parser.add_argument(
+        "--buildup-trials", type=int, default=1000, help="build-up trials (1000)"
+    )
+    parser.add_argument(
+        "--volume-mib",
+        type=int,
+        default=1024,
+        help="bytes churned per trial, MiB (1024 = 1 GiB)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        choices=[v.key for v in VARIANTS],
+        help="churn variant to run (repeatable; default: all)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="processes (2)")
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=20.0,
+        help="cut churn trials down to fit this wall time (20)",
+    )
+    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument(
+        "--interval-trials",
+        type=int,
+        help="(c): trials per sampling interval (300; --quick 40)",
+    )
+    parser.add_argument(
+        "--exact-trials", type=int, help="(c): exact-mode trials (10; --quick 4)"
+    )
+    parser.add_argument(
+        "--intervals-only", action="store_true", help="run (c) alone (~30 s)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 100 build-ups, 40 churn trials of 128 MiB per variant, "
+        "40 trials per interval",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.trials, args.buildup_trials, args.volume_mib = 40, 100, 128
+    for name, full, quick in (("interval_trials", 300, 40), ("exact_trials", 10, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if args.interval_trials < 2 or args.exact_trials < 1:
+        parser.error("--interval-trials must be >= 2 and --exact-trials >= 1")
+    volume = args.volume_mib * MiB
+    workers = max(1, args.workers)
+    variants = [v for v in VARIANTS if args.variant is None or v.key in args.variant]
+    if args.trials <= 0:
+        variants = []
+
+    command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
+    print(f"command: {command}")
+    print(f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    print(
+        f"python: {platform.python_version()} ({platform.machine()}), "
+        f"backend {args.backend}, {workers} worker processes, "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(f"package: {_describe_package()}")
+    if not args.intervals_only:
+        print(f"limit: memory={LIMIT // MiB} MiB; churn holds {HOLD // MiB} MiB\n")
+
+    begin = time.perf_counter()
+    figures: dict[str, Any] = {"benchmark": "accuracy"}
+    if not args.intervals_only:
+        figures.update(_limit_study(args, volume, workers, variants))
+    intervals = interval_summary(
+        _interval_study(args.interval_trials, args.exact_trials, workers, args.backend)
+    )
+    figures["intervals"] = intervals
+    print(
+        f"\n(c) estimate / exact at several sampling intervals ({INTERVAL_STEPS} "
+        "steps of: keep 1 KiB, decode one JSON document)\n"
+    )
+    print(_report_intervals(intervals))
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=1))
     print(f"\ntotal wall time: {time.perf_counter() - begin:.0f} s")
     return 0
 

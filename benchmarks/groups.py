@@ -100,7 +100,7 @@ Idle = Callable[[Any], Awaitable[None]]
 """Runs while every child is parked; gets the group."""
 
 
-async def _lifetime(variant: str, n: int, idle: Idle) -> tuple[float, float]:
+async def lifetime(variant: str, n: int, idle: Idle) -> tuple[float, float]:
     """Spawn and finish times of ``n`` children of a plain anyio group
     (``"plain"``), of one whose children each open a ``limit_scope`` with the
     budget by hand (``"scoped"``), or of a budgeted group with a budget per
@@ -129,7 +129,7 @@ async def _lifetime(variant: str, n: int, idle: Idle) -> tuple[float, float]:
     return spawned - begin, end - resumed
 
 
-async def _nothing(*_: object) -> None:
+async def nothing(*_: object) -> None:
     pass
 
 
@@ -150,12 +150,12 @@ async def _one_round(n: int, round_no: int, listings: int) -> dict[str, Any]:
                 raise SystemExit(f"children() listed {len(snapshot)} of {n}")
 
     for variant in VARIANTS:  # warm up both code paths
-        await _lifetime(variant, min(n, 200), _nothing)
+        await lifetime(variant, min(n, 200), nothing)
     for variant in order:
         gc.collect()
-        out[variant] = await _lifetime(variant, n, _nothing)
+        out[variant] = await lifetime(variant, n, nothing)
     gc.collect()
-    await _lifetime("budgeted", n, list_children)
+    await lifetime("budgeted", n, list_children)
     out["children"] = min(listing_times)
     return out
 
@@ -174,20 +174,21 @@ def collect_times(
 # ---- memory, in fresh interpreters ----
 
 
-def _rss() -> int:
+def rss() -> int:
+    """This process's resident set size now, in bytes."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 async def _probe(variant: str, n: int, measure: str) -> int:
     """Bytes held per idle child of ``variant`` (run in a fresh interpreter)."""
-    await _lifetime(variant, 100, _nothing)  # imports, code paths, meter tables
+    await lifetime(variant, 100, nothing)  # imports, code paths, meter tables
     held: list[int] = []
 
     def reading() -> int:
         if measure == "tracemalloc":
             return tracemalloc.get_traced_memory()[0]
-        return _rss()
+        return rss()
 
     async def idle(*_: object) -> None:
         gc.collect()
@@ -197,7 +198,7 @@ async def _probe(variant: str, n: int, measure: str) -> int:
     if measure == "tracemalloc":
         tracemalloc.start()
     before = reading()
-    await _lifetime(variant, n, idle)
+    await lifetime(variant, n, idle)
     return held[0] // n
 
 
@@ -243,24 +244,97 @@ def collect_memory(
 # ---- the report ----
 
 
-def _cell(values: list[float]) -> str:
-    return f"{statistics.median(values):5.2f} [{min(values):.2f}-{max(values):.2f}]"
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def render(
+def _cell(spread: dict[str, float]) -> str:
+    return f"{spread['median']:5.2f} [{spread['min']:.2f}-{spread['max']:.2f}]"
+
+
+PHASES: dict[str, Callable[[tuple[float, float]], float]] = {
+    "spawn": lambda pair: pair[0],
+    "finish": lambda pair: pair[1],
+    "total": lambda pair: pair[0] + pair[1],
+}
+
+
+def summary(
     n: int,
     times: dict[str, list[dict[str, Any]]],
     memory: dict[str, dict[str, dict[str, list[int]]]],
-) -> str:
-    rounds = len(next(iter(times.values())))
-    lines = [
-        f"Python {sys.version.split()[0]}, anyio.run per backend; {n} children, "
-        f"{rounds} rounds; ms = median over rounds; ratios to plain in the same "
-        "round, median [min-max]; hand-scoped = a plain group whose children "
-        "open limit_scope(budget=...) themselves (the floor a budget costs)",
-    ]
+) -> dict[str, Any]:
+    """Per backend: per phase the plain and budgeted ms and the ratios to
+    plain; the ``children()`` time; bytes per idle child; the target."""
+    figures: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "n": n,
+        "rounds": len(next(iter(times.values()))),
+        "backends": {},
+    }
     worst = 0.0
     for backend, per_round in times.items():
+        phases: dict[str, Any] = {}
+        for phase, pick in PHASES.items():
+            plain = [pick(r["plain"]) for r in per_round]
+            ratios = {
+                variant: _spread(
+                    [
+                        pick(r[variant]) / p
+                        for r, p in zip(per_round, plain, strict=True)
+                    ]
+                )
+                for variant in ("budgeted", "scoped")
+            }
+            if phase == "total":
+                worst = max(worst, ratios["budgeted"]["median"])
+            phases[phase] = {
+                "plain_ms": statistics.median(plain) * 1e3,
+                "budgeted_ms": statistics.median(pick(r["budgeted"]) for r in per_round)
+                * 1e3,
+                "budgeted_ratio": ratios["budgeted"],
+                "scoped_ratio": ratios["scoped"],
+            }
+        listing = statistics.median(r["children"] for r in per_round)
+        mem: dict[str, Any] = {}
+        for measure, per_variant in memory.get(backend, {}).items():
+            mem[measure] = {
+                "plain": statistics.median(per_variant["plain"]),
+                **{
+                    f"more_{variant}": _spread(
+                        [
+                            b - p
+                            for b, p in zip(
+                                per_variant[variant], per_variant["plain"], strict=True
+                            )
+                        ]
+                    )
+                    for variant in ("budgeted", "scoped")
+                },
+            }
+        figures["backends"][backend] = {
+            "phases": phases,
+            "children_ms": listing * 1e3,
+            "memory": mem,
+        }
+    figures["target"] = {
+        "ratio": TARGET_RATIO,
+        "worst": worst,
+        "met": worst <= TARGET_RATIO,
+    }
+    return figures
+
+
+def render(figures: dict[str, Any]) -> str:
+    n = figures["n"]
+    lines = [
+        f"Python {figures['python']}, anyio.run per backend; {n} children, "
+        f"{figures['rounds']} rounds; ms = median over rounds; ratios to plain in "
+        "the same round, median [min-max]; hand-scoped = a plain group whose "
+        "children open limit_scope(budget=...) themselves (the floor a budget "
+        "costs)",
+    ]
+    for backend, fig in figures["backends"].items():
         lines += [
             "",
             f"{backend}:",
@@ -269,58 +343,34 @@ def render(
             f"{'budgeted ratio':<20} | {'hand-scoped ratio':<20} |",
             f"|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 22}|{'-' * 22}|",
         ]
-        phases: dict[str, Callable[[tuple[float, float]], float]] = {
-            "spawn": lambda pair: pair[0],
-            "finish": lambda pair: pair[1],
-            "total": lambda pair: pair[0] + pair[1],
-        }
-        for phase, pick in phases.items():
-            plain = [pick(r["plain"]) for r in per_round]
-            ratios = {
-                variant: [
-                    pick(r[variant]) / p for r, p in zip(per_round, plain, strict=True)
-                ]
-                for variant in ("budgeted", "scoped")
-            }
-            if phase == "total":
-                worst = max(worst, statistics.median(ratios["budgeted"]))
-            budgeted_ms = statistics.median(pick(r["budgeted"]) for r in per_round)
+        for phase, row in fig["phases"].items():
             lines.append(
-                f"| {phase:<8} | {statistics.median(plain) * 1e3:9.1f} | "
-                f"{budgeted_ms * 1e3:11.1f} | {_cell(ratios['budgeted']):<20} | "
-                f"{_cell(ratios['scoped']):<20} |"
+                f"| {phase:<8} | {row['plain_ms']:9.1f} | "
+                f"{row['budgeted_ms']:11.1f} | {_cell(row['budgeted_ratio']):<20} | "
+                f"{_cell(row['scoped_ratio']):<20} |"
             )
-        listing = statistics.median(r["children"] for r in per_round)
+        listing = fig["children_ms"] / 1e3
         lines += [
             "",
             f"children() on {n} budgeted children: {listing * 1e3:.1f} ms per "
             f"call ({listing / n * 1e9:.0f} ns per child; called every second, "
             f"{listing * 100:.1f} % of one core)",
         ]
-        for measure, per_variant in memory.get(backend, {}).items():
-            shares = {
-                variant: [
-                    b - p
-                    for b, p in zip(
-                        per_variant[variant], per_variant["plain"], strict=True
-                    )
-                ]
-                for variant in ("budgeted", "scoped")
-            }
+        for measure, mem in fig["memory"].items():
+            budgeted, scoped = mem["more_budgeted"], mem["more_scoped"]
             lines.append(
-                f"memory per idle child ({measure}): plain "
-                f"{statistics.median(per_variant['plain']):.0f} B; more for a "
-                f"budgeted child {statistics.median(shares['budgeted']):.0f} B "
-                f"[{min(shares['budgeted'])}-{max(shares['budgeted'])}], of which "
-                f"its limit_scope (hand-scoped) "
-                f"{statistics.median(shares['scoped']):.0f} B"
+                f"memory per idle child ({measure}): plain {mem['plain']:.0f} B; "
+                f"more for a budgeted child {budgeted['median']:.0f} B "
+                f"[{budgeted['min']:.0f}-{budgeted['max']:.0f}], of which its "
+                f"limit_scope (hand-scoped) {scoped['median']:.0f} B"
             )
-    verdict = "met" if worst <= TARGET_RATIO else "NOT met"
+    target = figures["target"]
+    verdict = "met" if target["met"] else "NOT met"
     lines += [
         "",
         f"target: spawning and finishing {n} budgeted children <= "
         f"{TARGET_RATIO:g}x a plain anyio task group ... {verdict} (worst median "
-        f"{worst:.3f}x)",
+        f"{target['worst']:.3f}x)",
     ]
     return "\n".join(lines)
 
@@ -343,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("asyncio", "trio"),
         help="repeatable; default: asyncio, and trio if installed",
     )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe is not None:  # one memory measurement, in this interpreter
@@ -363,7 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     times = collect_times(backends, args.rounds, args.n, listings=5)
     memory = collect_memory(backends, args.memory_rounds, args.n)
-    print(render(args.n, times, memory))
+    figures = summary(args.n, times, memory)
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"benchmark": "groups", "summary": figures}, indent=1)
+        )
+    print(render(figures))
     return 0
 
 

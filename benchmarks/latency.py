@@ -50,6 +50,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import queue
 import statistics
@@ -59,6 +60,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -225,31 +227,17 @@ def collect(
     return out
 
 
-def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:8.1f}"
-
-
 def _percentile(sorted_values: list[float], p: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     rank = max(1, math.ceil(p / 100 * len(sorted_values)))
     return sorted_values[rank - 1]
 
 
-def render(results: dict[str, list[Latencies]]) -> str:
-    """Per backend and source: token and reference latencies, and their ratio."""
-    rounds = len(next(iter(results.values())))
-    lines = [
-        f"Python {sys.version.split()[0]}, anyio.run per backend; {rounds} "
-        "interleaved rounds; latency = perf_counter() at the first statement "
-        "after the scope - perf_counter() just before the cancel call, in µs, "
-        "pooled over rounds; ratio = token median / reference median within "
-        "a round, median over rounds [min-max]",
-        "",
-        f"| {'backend':<7} | {'source':<6} | {'scope; cancelled by':<53} | "
-        f"{'n':>5} | {'median':>8} | {'p90':>8} | {'p99':>8} | {'ratio':<18} |",
-        f"|{'-' * 9}|{'-' * 8}|{'-' * 55}|{'-' * 7}|{'-' * 10}|{'-' * 10}|"
-        f"{'-' * 10}|{'-' * 20}|",
-    ]
+def summary(results: dict[str, list[Latencies]]) -> dict[str, Any]:
+    """Per backend, source and kind: pooled median, p90 and p99 in µs; for
+    the token rows the ratio to the reference (within a round, median over
+    rounds with its range); the target."""
+    rows: list[dict[str, Any]] = []
     worst: tuple[float, str] = (0.0, "")
     for backend, per_round in results.items():
         for source in SOURCES:
@@ -261,25 +249,70 @@ def render(results: dict[str, list[Latencies]]) -> str:
             for kind in (TOKEN, REFERENCE):
                 pooled = sorted(x for r in per_round for x in r[(kind, source)])
                 median = statistics.median(pooled)
+                row: dict[str, Any] = {
+                    "backend": backend,
+                    "source": source,
+                    "kind": kind,
+                    "label": LABELS[(kind, source)],
+                    "n": len(pooled),
+                    "median_us": median * 1e6,
+                    "p90_us": _percentile(pooled, 90) * 1e6,
+                    "p99_us": _percentile(pooled, 99) * 1e6,
+                }
                 if kind == TOKEN:
                     worst = max(worst, (median, f"{backend}, {source}"))
-                    med = statistics.median(ratios)
-                    cell = f"{med:5.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
-                else:
-                    cell = " 1.00"
-                lines.append(
-                    f"| {backend:<7} | {source:<6} | {LABELS[(kind, source)]:<53} | "
-                    f"{len(pooled):5d} | {_us(median)} | "
-                    f"{_us(_percentile(pooled, 90))} | "
-                    f"{_us(_percentile(pooled, 99))} | {cell:<18} |"
-                )
-    worst_us, where = worst
-    verdict = "met" if worst_us < TARGET_US / 1e6 else "NOT met"
+                    row["ratio"] = {
+                        "median": statistics.median(ratios),
+                        "min": min(ratios),
+                        "max": max(ratios),
+                    }
+                rows.append(row)
+    worst_s, where = worst
+    return {
+        "python": sys.version.split()[0],
+        "rounds": len(next(iter(results.values()))),
+        "rows": rows,
+        "target": {
+            "median_us": TARGET_US,
+            "worst_us": worst_s * 1e6,
+            "where": where,
+            "met": worst_s < TARGET_US / 1e6,
+        },
+    }
+
+
+def render(figures: dict[str, Any]) -> str:
+    """Per backend and source: token and reference latencies, and their ratio."""
+    lines = [
+        f"Python {figures['python']}, anyio.run per backend; {figures['rounds']} "
+        "interleaved rounds; latency = perf_counter() at the first statement "
+        "after the scope - perf_counter() just before the cancel call, in µs, "
+        "pooled over rounds; ratio = token median / reference median within "
+        "a round, median over rounds [min-max]",
+        "",
+        f"| {'backend':<7} | {'source':<6} | {'scope; cancelled by':<53} | "
+        f"{'n':>5} | {'median':>8} | {'p90':>8} | {'p99':>8} | {'ratio':<18} |",
+        f"|{'-' * 9}|{'-' * 8}|{'-' * 55}|{'-' * 7}|{'-' * 10}|{'-' * 10}|"
+        f"{'-' * 10}|{'-' * 20}|",
+    ]
+    for row in figures["rows"]:
+        if "ratio" in row:
+            r = row["ratio"]
+            cell = f"{r['median']:5.2f} [{r['min']:.2f}-{r['max']:.2f}]"
+        else:
+            cell = " 1.00"
+        lines.append(
+            f"| {row['backend']:<7} | {row['source']:<6} | {row['label']:<53} | "
+            f"{row['n']:5d} | {row['median_us']:8.1f} | {row['p90_us']:8.1f} | "
+            f"{row['p99_us']:8.1f} | {cell:<18} |"
+        )
+    target = figures["target"]
+    verdict = "met" if target["met"] else "NOT met"
     lines += [
         "",
         f"target: median token-cancel latency < {TARGET_US:g} µs on every "
         f"backend, from a task and from a thread ... {verdict} "
-        f"(worst median {worst_us * 1e6:.1f} µs: {where})",
+        f"(worst median {target['worst_us']:.1f} µs: {target['where']})",
         "sanity: every token scope reported a TOKEN breach and every reference "
         "scope caught its cancellation (a trial that does not stops the run)",
     ]
@@ -330,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="run under this interpreter instead (repeatable; default: this one)",
     )
+    parser.add_argument(
+        "--json", type=Path, help="also write the figures here (not with --python)"
+    )
     args = parser.parse_args(argv)
+    if args.json is not None and args.python:
+        parser.error("--json needs one interpreter: run each without --python")
     fill_counts(
         parser,
         args,
@@ -357,12 +395,23 @@ def main(argv: list[str] | None = None) -> int:
         f"cross-thread cancellations per variant, backends {', '.join(backends)}",
         file=sys.stderr,
     )
-    print(render(collect(backends, args.rounds, args.n, args.n_thread)))
+    figures = summary(collect(backends, args.rounds, args.n, args.n_thread))
+    print(render(figures))
     # Then the same cancellation of code that never awaits (preemption).
     import preempt_latency
 
+    preempt = preempt_latency.summary(
+        preempt_latency.collect(60 if args.quick else 200)
+    )
     print()
-    print(preempt_latency.render(preempt_latency.collect(60 if args.quick else 200)))
+    print(preempt_latency.render(preempt))
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {"benchmark": "latency", "summary": figures, "preempt": preempt},
+                indent=1,
+            )
+        )
     return 0
 
 

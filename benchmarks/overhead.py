@@ -23,6 +23,11 @@ Why it is built this way:
   runs; only ratios are printed.
 * A ``control`` workload that allocates nothing shows the noise floor (code
   layout, CPU frequency): it is printed but left out of the geometric mean.
+* ``memray``, when the interpreter can import it, is a second reference:
+  every workload runs under ``memray.Tracker`` with its default options
+  (no native traces, Python allocators not traced one by one) writing to a
+  temporary file, as ``memray run`` would.  Without memray the column is
+  left out, with a note.
 """
 
 from __future__ import annotations
@@ -34,22 +39,27 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("baseline", "meter", "tracemalloc", "hooks_idle")
+CONFIGS = ("baseline", "meter", "tracemalloc", "memray", "hooks_idle")
 """Baseline first: every ratio is against it."""
 COLUMNS = {
     "meter": "meter (64 KiB, live)",
     "tracemalloc": "tracemalloc.start(1)",
+    "memray": "memray.Tracker",
     "hooks_idle": "hooks, no scope",
 }
+OPTIONAL = {"memray": "memray"}
+"""Configurations that need a module the interpreter may not have."""
 
 SCOPE_MEMORY = "8 GiB"
 """Large enough never to breach and to leave the interval at its default."""
@@ -219,10 +229,19 @@ def run_worker(config: str, reps: int, scale: float) -> dict[str, Any]:
     code pays once some other part of the program has used a scope.
     """
     ml: Any = None
+    tracker: Any = None
+    capture_dir = capture = Path()
     if config == "tracemalloc":
         import tracemalloc
 
         tracemalloc.start(1)
+    elif config == "memray":
+        import memray
+
+        capture_dir = Path(tempfile.mkdtemp(prefix="overhead-memray-"))
+        capture = capture_dir / "capture.bin"
+        tracker = memray.Tracker(capture)
+        tracker.__enter__()
     elif config in ("meter", "hooks_idle"):
         ml = _import_package()
         if config == "hooks_idle":
@@ -278,6 +297,15 @@ def run_worker(config: str, reps: int, scale: float) -> dict[str, Any]:
         evidence["tracing"] = tracemalloc.is_tracing()
     if config == "baseline":
         evidence["package_imported"] = "memlimits_async" in sys.modules
+    if tracker is not None:
+        import memray
+
+        tracker.__exit__(None, None, None)
+        evidence["capture_bytes"] = capture.stat().st_size
+        reader = memray.FileReader(capture)
+        evidence["total_allocations"] = reader.metadata.total_allocations
+        reader.close()
+        shutil.rmtree(capture_dir)
     return {
         "config": config,
         "python": sys.version.split()[0],
@@ -321,25 +349,50 @@ def _run_child(
     return result
 
 
-def _rotations(rounds: int) -> Iterator[tuple[str, ...]]:
-    """Round r starts with config r mod 4, so no configuration always runs
-    first (cold caches) or last (after the others heated the CPU)."""
+def available_configs(python: str) -> tuple[tuple[str, ...], list[str]]:
+    """The configurations ``python`` can run, and a note per one left out."""
+    configs: list[str] = []
+    notes: list[str] = []
+    for config in CONFIGS:
+        module = OPTIONAL.get(config)
+        if module is not None:
+            probe = subprocess.run(
+                [python, "-c", f"import {module}"], capture_output=True, check=False
+            )
+            if probe.returncode != 0:
+                notes.append(
+                    f"{COLUMNS[config]}: left out ({module} is not importable "
+                    f"by {python})"
+                )
+                continue
+        configs.append(config)
+    return tuple(configs), notes
+
+
+def _rotations(rounds: int, configs: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    """Round r starts with config r mod len(configs), so no configuration
+    always runs first (cold caches) or last (after the others heated the
+    CPU)."""
     for r in range(rounds):
-        k = r % len(CONFIGS)
-        yield CONFIGS[k:] + CONFIGS[:k]
+        k = r % len(configs)
+        yield configs[k:] + configs[:k]
 
 
 def geomean(values: list[float]) -> float:
     return math.exp(statistics.fmean(math.log(v) for v in values))
 
 
+Results = list[dict[str, dict[str, Any]]]
+"""One dict config -> worker result per round."""
+
+
 def collect(
-    python: str, rounds: int, reps: int, scale: float
-) -> list[dict[str, dict[str, Any]]]:
-    """Run ``rounds`` interleaved rounds; one dict config -> result per round."""
+    python: str, rounds: int, reps: int, scale: float, configs: tuple[str, ...]
+) -> Results:
+    """Run ``rounds`` interleaved rounds of ``configs``."""
     env = _child_env()
-    results: list[dict[str, dict[str, Any]]] = []
-    for r, order in enumerate(_rotations(rounds), 1):
+    results: Results = []
+    for r, order in enumerate(_rotations(rounds, configs), 1):
         this_round: dict[str, dict[str, Any]] = {}
         for config in order:
             print(f"  round {r}/{rounds}: {config} ...", file=sys.stderr, flush=True)
@@ -348,12 +401,14 @@ def collect(
     return results
 
 
-def ratios(
-    results: list[dict[str, dict[str, Any]]], stat: str = "min"
-) -> dict[str, dict[str, list[float]]]:
+def _columns(results: Results) -> list[str]:
+    return [c for c in COLUMNS if c in results[0]]
+
+
+def ratios(results: Results, stat: str = "min") -> dict[str, dict[str, list[float]]]:
     """config -> workload -> one ratio to baseline per round (same round)."""
     out: dict[str, dict[str, list[float]]] = {}
-    for config in COLUMNS:
+    for config in _columns(results):
         out[config] = {
             w: [rnd[config][stat][w] / rnd["baseline"][stat][w] for rnd in results]
             for w in WORKLOADS
@@ -361,83 +416,124 @@ def ratios(
     return out
 
 
-def render(results: list[dict[str, dict[str, Any]]]) -> str:
-    """The table: median ratio over rounds, with the range over rounds."""
+def summary(results: Results, notes: list[str]) -> dict[str, Any]:
+    """The figures of the report: per workload and configuration the median
+    ratio over rounds with its range, the geometric means, the target."""
     per_round = ratios(results)
-    first = results[0]
+    columns = _columns(results)
+    cells = {
+        w: {
+            c: {
+                "median": statistics.median(per_round[c][w]),
+                "min": min(per_round[c][w]),
+                "max": max(per_round[c][w]),
+            }
+            for c in columns
+        }
+        for w in WORKLOADS
+    }
+    gm = {
+        c: geomean([cells[w][c]["median"] for w in WORKLOADS if w != CONTROL])
+        for c in columns
+    }
+    return {
+        "python": results[0]["baseline"]["python"],
+        "rounds": len(results),
+        "columns": {c: COLUMNS[c] for c in columns},
+        "workloads": cells,
+        "control": CONTROL,
+        "geomean": gm,
+        "target": {"geomean": 1.05, "met": gm["meter"] <= 1.05},
+        "notes": notes,
+        "sanity": _evidence(results),
+    }
+
+
+def render(figures: dict[str, Any]) -> str:
+    """The table: median ratio over rounds, with the range over rounds."""
+    columns = figures["columns"]
     width = 22
     lines = [
-        f"Python {first['baseline']['python']}: {len(results)} rounds; "
+        f"Python {figures['python']}: {figures['rounds']} rounds; "
         "ratio = time / baseline time in the same round "
         "(min of repetitions per process), median over rounds [min-max]",
         "",
         "| "
         + " | ".join(
-            [f"{'workload':<10}"] + [f"{c:<{width}}" for c in COLUMNS.values()]
+            [f"{'workload':<10}"] + [f"{c:<{width}}" for c in columns.values()]
         )
         + " |",
-        "|" + "|".join(["-" * 12] + ["-" * (width + 2)] * len(COLUMNS)) + "|",
+        "|" + "|".join(["-" * 12] + ["-" * (width + 2)] * len(columns)) + "|",
     ]
-    medians: dict[str, dict[str, float]] = {c: {} for c in COLUMNS}
-    for w in WORKLOADS:
+    for w, row in figures["workloads"].items():
         cells = [f"({w})" if w == CONTROL else w]
-        for config in COLUMNS:
-            rs = per_round[config][w]
-            med = statistics.median(rs)
-            medians[config][w] = med
-            cells.append(f"{med:6.3f} [{min(rs):.3f}-{max(rs):.3f}]")
+        for config in columns:
+            c = row[config]
+            cells.append(f"{c['median']:6.3f} [{c['min']:.3f}-{c['max']:.3f}]")
         lines.append(
             f"| {cells[0]:<10} | "
             + " | ".join(f"{c:<{width}}" for c in cells[1:])
             + " |"
         )
-    gm = {
-        c: geomean([v for w, v in medians[c].items() if w != CONTROL]) for c in COLUMNS
-    }
+    gm = figures["geomean"]
     lines.append(
         f"| {'geomean':<10} | "
-        + " | ".join(f"{gm[c]:6.3f}{'':<{width - 6}}" for c in COLUMNS)
+        + " | ".join(f"{gm[c]:6.3f}{'':<{width - 6}}" for c in columns)
         + " |"
     )
-    verdict = "met" if gm["meter"] <= 1.05 else "NOT met"
+    verdict = "met" if figures["target"]["met"] else "NOT met"
     lines += [
         "",
         'meter: every workload inside limit_scope(memory="8 GiB"): hooks, '
         "attribution and live tracking on, interval 64 KiB.",
+    ]
+    if "memray" in columns:
+        lines.append(
+            "memray.Tracker: every workload under memray's tracker, default "
+            "options (no native traces, Python allocators not traced one by "
+            "one), capture written to a temporary file."
+        )
+    lines += [
         "hooks, no scope: hooks installed by an earlier scope, workloads outside "
         "any scope (diagnostic).",
         "(control) allocates nothing: its distance from 1.000 is the noise "
         "floor; it is left out of the geometric means.",
+        *figures["notes"],
         f"target: meter geomean <= 1.05 ... {verdict} ({gm['meter']:.4f})",
         "",
-        _evidence(results),
+        "sanity (last round):",
+        *(f"  {line}" for line in figures["sanity"]),
     ]
     return "\n".join(lines)
 
 
-def _evidence(results: list[dict[str, dict[str, Any]]]) -> str:
+def _evidence(results: Results) -> list[str]:
     """One line per configuration proving it measured what it claims."""
     last = results[-1]
     meter = last["meter"]["evidence"]
     idle = last["hooks_idle"]["evidence"]
     mib = {w: v / 2**20 for w, v in meter["allocated_estimate"].items()}
     charged = ", ".join(f"{w} {v:.0f}" for w, v in mib.items())
-    return "\n".join(
-        [
-            "sanity (last round):",
-            f"  baseline: memlimits_async imported = "
-            f"{last['baseline']['evidence']['package_imported']}",
-            f"  meter: hooks installed = {meter['hooks_installed']}, interval in "
-            f"scope = {meter['interval_in_scope']} B, samples charged = "
-            f"{meter['samples']}, unattributed = {meter['unattributed_samples']}",
-            f"  meter: MiB allocated charged to each workload's scope: {charged}",
-            f"  hooks, no scope: hooks installed = {idle['hooks_installed']}, "
-            f"samples charged = {idle['samples']}, unattributed = "
-            f"{idle['unattributed_samples']}, tracked blocks = "
-            f"{idle['tracked_blocks']}",
-            f"  tracemalloc: tracing = {last['tracemalloc']['evidence']['tracing']}",
-        ]
-    )
+    lines = [
+        f"baseline: memlimits_async imported = "
+        f"{last['baseline']['evidence']['package_imported']}",
+        f"meter: hooks installed = {meter['hooks_installed']}, interval in "
+        f"scope = {meter['interval_in_scope']} B, samples charged = "
+        f"{meter['samples']}, unattributed = {meter['unattributed_samples']}",
+        f"meter: MiB allocated charged to each workload's scope: {charged}",
+        f"hooks, no scope: hooks installed = {idle['hooks_installed']}, "
+        f"samples charged = {idle['samples']}, unattributed = "
+        f"{idle['unattributed_samples']}, tracked blocks = "
+        f"{idle['tracked_blocks']}",
+        f"tracemalloc: tracing = {last['tracemalloc']['evidence']['tracing']}",
+    ]
+    if "memray" in last:
+        memray = last["memray"]["evidence"]
+        lines.append(
+            f"memray: allocations recorded = {memray['total_allocations']}, "
+            f"capture file {memray['capture_bytes']} B"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--python", default=sys.executable, help="interpreter to benchmark"
     )
-    parser.add_argument("--json", type=Path, help="also write raw results here")
+    parser.add_argument(
+        "--json", type=Path, help="also write the figures and raw results here"
+    )
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -466,15 +564,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.rounds < 1 or args.reps < 1 or args.scale <= 0:
         parser.error("--rounds and --reps must be >= 1, --scale > 0")
+    configs, notes = available_configs(args.python)
     print(
-        f"overhead: {args.rounds} rounds x {len(CONFIGS)} configs, "
+        f"overhead: {args.rounds} rounds x {len(configs)} configs, "
         f"{args.reps} reps, scale {args.scale} ({args.python})",
         file=sys.stderr,
     )
-    results = collect(args.python, args.rounds, args.reps, args.scale)
+    results = collect(args.python, args.rounds, args.reps, args.scale, configs)
+    figures = summary(results, notes)
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=1))
-    print(render(results))
+        args.json.write_text(
+            json.dumps(
+                {"benchmark": "overhead", "summary": figures, "raw": results},
+                indent=1,
+            )
+        )
+    print(render(figures))
     return 0
 
 

@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -155,16 +157,49 @@ async def _warm_up() -> None:
         raise SystemExit("the meter's hooks are not installed after a scope")
 
 
-def render(results: dict[str, list[dict[str, float]]]) -> str:
+def summary(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Per backend and variant: median net ns, and the ratio to the bare
+    cancel scope (median over rounds with its range); the target."""
+    figures: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "rounds": len(next(iter(results.values()))),
+        "bare": BARE,
+        "targeted": list(TARGETED),
+        "backends": {},
+    }
+    worst = 0.0
+    for backend, rounds in results.items():
+        rows: dict[str, Any] = {}
+        for name in rounds[0]:
+            rs = [r[name] / r[BARE] for r in rounds]
+            rows[name] = {
+                "ns": statistics.median(r[name] for r in rounds),
+                "ratio": {
+                    "median": statistics.median(rs),
+                    "min": min(rs),
+                    "max": max(rs),
+                },
+            }
+            if name in TARGETED:
+                worst = max(worst, rows[name]["ratio"]["median"])
+        figures["backends"][backend] = rows
+    figures["target"] = {
+        "ratio": TARGET_RATIO,
+        "worst": worst,
+        "met": worst <= TARGET_RATIO,
+    }
+    return figures
+
+
+def render(figures: dict[str, Any]) -> str:
     """Per backend: median net ns and median ratio to the bare cancel scope."""
     lines = [
-        f"Python {sys.version.split()[0]}, anyio.run per backend, inside a task; "
-        f"{len(next(iter(results.values())))} rounds; ns = one enter+exit, "
+        f"Python {figures['python']}, anyio.run per backend, inside a task; "
+        f"{figures['rounds']} rounds; ns = one enter+exit, "
         "empty-loop cost subtracted; ratio to "
         f"`{BARE}` in the same round, median over rounds [min-max]",
     ]
-    worst = 0.0
-    for backend, rounds in results.items():
+    for backend, rows in figures["backends"].items():
         lines += [
             "",
             f"{backend}:",
@@ -172,19 +207,16 @@ def render(results: dict[str, list[dict[str, float]]]) -> str:
             f"| {'variant':<40} | {'ns':>7} | {'ratio':<20} |",
             f"|{'-' * 42}|{'-' * 9}|{'-' * 22}|",
         ]
-        for name in rounds[0]:
-            ns = statistics.median(r[name] for r in rounds)
-            rs = [r[name] / r[BARE] for r in rounds]
-            med = statistics.median(rs)
-            if name in TARGETED:
-                worst = max(worst, med)
-            cell = f"{med:5.2f} [{min(rs):.2f}-{max(rs):.2f}]"
-            lines.append(f"| {name:<40} | {ns:7.0f} | {cell:<20} |")
-    verdict = "met" if worst <= TARGET_RATIO else "NOT met"
+        for name, row in rows.items():
+            r = row["ratio"]
+            cell = f"{r['median']:5.2f} [{r['min']:.2f}-{r['max']:.2f}]"
+            lines.append(f"| {name:<40} | {row['ns']:7.0f} | {cell:<20} |")
+    target = figures["target"]
+    verdict = "met" if target["met"] else "NOT met"
     lines += [
         "",
         f"target: every limit_scope variant <= {TARGET_RATIO:g}x a bare "
-        f"anyio.CancelScope ... {verdict} (worst median {worst:.3f}x)",
+        f"anyio.CancelScope ... {verdict} (worst median {target['worst']:.3f}x)",
     ]
     return "\n".join(lines)
 
@@ -205,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("asyncio", "trio"),
         help="repeatable; default: asyncio, and trio if installed",
     )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     fill_counts(
         parser,
@@ -218,8 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         f"backends {', '.join(backends)}",
         file=sys.stderr,
     )
-    results: Any = collect(backends, args.rounds, args.n, args.batches)
-    print(render(results))
+    figures = summary(collect(backends, args.rounds, args.n, args.batches))
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"benchmark": "scope_cost", "summary": figures}, indent=1)
+        )
+    print(render(figures))
     return 0
 
 
