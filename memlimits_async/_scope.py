@@ -173,6 +173,8 @@ class LimitScope:
     _entry_frame: FrameType | None = None  # outside a task: where it was entered
     _thread_id: int = 0  # outside a task: the thread it was entered in
     _region_token: object = None  # shielded: the interrupt-safe region marker
+    _shield: bool = False
+    _raise_on_breach: bool = False
     # A cancel scope of the task's own, entered by its owner around the whole
     # body, that this scope cancels instead of entering one (``_adopt``).
     _adopted: anyio.CancelScope | None = None
@@ -207,8 +209,12 @@ class LimitScope:
         if global_memory is not False:
             _require_bool(global_memory, "global_memory")
             self._global_memory = global_memory
-        self._shield = shield
-        self._raise_on_breach = raise_on_breach
+        # Set only when True (the class says False): every attribute name
+        # ever set on a scope widens the value array of every later one.
+        if shield:
+            self._shield = shield
+        if raise_on_breach:
+            self._raise_on_breach = raise_on_breach
         if token is not None:
             self._tokens = _parse_tokens(token)
         if preempt is not None:
@@ -327,7 +333,8 @@ class LimitScope:
             self._preempt_request.close()
         if self._timeout is not None:
             unwatch_deadline(self)
-        self._entry_frame = None
+        if self._entry_frame is not None:
+            self._entry_frame = None
         if self._tokens:
             self._unwatch_tokens()
         breach = self._delivered or self._undelivered_breach(record)

@@ -71,12 +71,14 @@ typedef struct account {
     int64_t peak_live;
     int64_t memory_limit;    /* NO_LIMIT or bytes */
     int64_t allocation_limit;
-    int closed;              /* its scope has exited: count, never breach */
-    int global_participant;  /* may be stopped by the global memory limit */
-    int interrupted;         /* a breach was delivered to its scope */
+    /* Bytes, not ints: an idle scope holds one account (96 bytes, one
+     * malloc size class below 112). */
+    uint8_t closed;              /* its scope has exited: count, never breach */
+    uint8_t global_participant;  /* may be stopped by the global memory limit */
+    uint8_t interrupted;         /* a breach was delivered to its scope */
+    uint8_t breach_kind;         /* first breach only; sticky */
     void *owner;             /* AccountObject waiting for breaches (borrowed;
                                 set by enter(listener), cleared by leave) */
-    int breach_kind;         /* first breach only; sticky */
     int64_t breach_limit;
     int64_t breach_observed;
     struct account *next_queued;
@@ -241,9 +243,9 @@ void interrupts_after_fork_child(void);
 typedef struct {
     PyObject_HEAD
     account_t *account;
-    int entered;          /* between enter() and leave() */
-    PyObject *previous;   /* while entered: the ContextVar's value before
-                             enter() (NULL: unset), restored by leave() */
+    PyObject *previous;   /* between enter() and leave(), else NULL: the
+                             ContextVar's value before enter() (None if
+                             unset), restored by leave() */
     PyObject *listener;   /* while entered with one: the object whose
                              _on_breach() the delivery layer calls */
     int64_t left_usage[3];  /* allocated, live, peak_live at leave() */

@@ -165,7 +165,7 @@ Account_enter(AccountObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "enter() takes at most 1 argument");
         return NULL;
     }
-    if (self->entered || self->account->closed) {
+    if (self->previous != NULL || self->account->closed) {
         PyErr_SetString(PyExc_RuntimeError,
                         "this account was already entered");
         return NULL;
@@ -182,8 +182,9 @@ Account_enter(AccountObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_XDECREF(previous);
         return NULL;
     }
-    self->previous = previous;  /* the reference Get returned */
-    self->entered = 1;
+    /* The reference Get returned; None for unset, since NULL means "not
+     * entered" (leave() sets None back: the same to every reader). */
+    self->previous = previous != NULL ? previous : Py_NewRef(Py_None);
     if (listener != Py_None) {
         /* The object itself, not a bound method of it: 64 bytes less for
          * each idle scope. */
@@ -196,7 +197,7 @@ Account_enter(AccountObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Account_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->entered) {
+    if (self->previous != NULL) {
         /* Only where it is current: this context, nothing entered after it
          * still entered.  (A ContextVar token would catch the first only.) */
         PyObject *current = NULL;
@@ -212,16 +213,13 @@ Account_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
             return NULL;  /* the account stays entered */
         }
         meter_tls.depth++;
-        PyObject *token = PyContextVar_Set(
-            current_account_var,
-            self->previous != NULL ? self->previous : Py_None);
+        PyObject *token = PyContextVar_Set(current_account_var, self->previous);
         Py_XDECREF(token);
         meter_tls.depth--;
         if (token == NULL) {
             return NULL;
         }
         Py_CLEAR(self->previous);
-        self->entered = 0;
     }
     account_t *a = self->account;
     a->owner = NULL;
