@@ -27,7 +27,29 @@ except ImportError:  # a checkout built with setup.py build_ext --inplace
     sys.path.insert(0, str(REPO_ROOT))
     import memlimits_async as ml
 
-__all__ = ["HAVE_TRIO", "REPO_ROOT", "backends_of", "fill_counts", "ml"]
+__all__ = [
+    "HAVE_TRIO",
+    "REPO_ROOT",
+    "add_run_options",
+    "backends_of",
+    "fill_counts",
+    "ml",
+    "ratio_target",
+    "verdict",
+]
+
+
+def add_run_options(parser: argparse.ArgumentParser, quick: str) -> None:
+    """``--quick`` (``quick`` says what it sets), ``--backend`` and ``--json``,
+    as every benchmark that runs on both backends takes them."""
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=("asyncio", "trio"),
+        help="repeatable; default: asyncio, and trio if installed",
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
 
 
 def fill_counts(
@@ -44,6 +66,17 @@ def fill_counts(
     if min(getattr(args, name) for name in full) < 1:
         options = [f"--{name.replace('_', '-')}" for name in full]
         parser.error(f"{', '.join(options[:-1])} and {options[-1]} must be >= 1")
+
+
+def ratio_target(ratio: float, worst: float) -> dict[str, object]:
+    """The ``target`` figures of a benchmark whose worst median ratio must
+    stay at or under ``ratio``."""
+    return {"ratio": ratio, "worst": worst, "met": worst <= ratio}
+
+
+def verdict(met: bool) -> str:
+    """How a ``target:`` line says whether the run met it."""
+    return "met" if met else "NOT met"
 
 
 def backends_of(args: argparse.Namespace) -> list[str]:

@@ -62,7 +62,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from _package import backends_of, fill_counts, ml
+from _package import (
+    add_run_options,
+    backends_of,
+    fill_counts,
+    ml,
+    ratio_target,
+    verdict,
+)
 
 BUDGET = ml.Budget(memory="64 MiB")
 _clock = time.process_time
@@ -320,11 +327,7 @@ def summary(
             "children_ms": listing * 1e3,
             "memory": mem,
         }
-    figures["target"] = {
-        "ratio": TARGET_RATIO,
-        "worst": worst,
-        "met": worst <= TARGET_RATIO,
-    }
+    figures["target"] = ratio_target(TARGET_RATIO, worst)
     return figures
 
 
@@ -368,12 +371,11 @@ def render(figures: dict[str, Any]) -> str:
                 f"limit_scope (hand-scoped) {scoped['median']:.0f} B"
             )
     target = figures["target"]
-    verdict = "met" if target["met"] else "NOT met"
     lines += [
         "",
         f"target: spawning and finishing {n} budgeted children <= "
-        f"{TARGET_RATIO:g}x a plain anyio task group ... {verdict} (worst median "
-        f"{target['worst']:.3f}x)",
+        f"{TARGET_RATIO:g}x a plain anyio task group ... "
+        f"{verdict(target['met'])} (worst median {target['worst']:.3f}x)",
     ]
     return "\n".join(lines)
 
@@ -385,18 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--memory-rounds", type=int, help="fresh interpreters per variant (3)"
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="defaults of 3 rounds of 2000 children, 1 memory round (smoke run)",
+    add_run_options(
+        parser, "defaults of 3 rounds of 2000 children, 1 memory round (smoke run)"
     )
-    parser.add_argument(
-        "--backend",
-        action="append",
-        choices=("asyncio", "trio"),
-        help="repeatable; default: asyncio, and trio if installed",
-    )
-    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe is not None:  # one memory measurement, in this interpreter

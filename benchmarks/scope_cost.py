@@ -34,11 +34,17 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
-from _package import backends_of, fill_counts, ml
+from _package import (
+    add_run_options,
+    backends_of,
+    fill_counts,
+    ml,
+    ratio_target,
+    verdict,
+)
 
 Variant = Callable[[int], Awaitable[None]]
 BARE = "with anyio.CancelScope()"
@@ -183,11 +189,7 @@ def summary(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
             if name in TARGETED:
                 worst = max(worst, rows[name]["ratio"]["median"])
         figures["backends"][backend] = rows
-    figures["target"] = {
-        "ratio": TARGET_RATIO,
-        "worst": worst,
-        "met": worst <= TARGET_RATIO,
-    }
+    figures["target"] = ratio_target(TARGET_RATIO, worst)
     return figures
 
 
@@ -212,11 +214,11 @@ def render(figures: dict[str, Any]) -> str:
             cell = f"{r['median']:5.2f} [{r['min']:.2f}-{r['max']:.2f}]"
             lines.append(f"| {name:<40} | {row['ns']:7.0f} | {cell:<20} |")
     target = figures["target"]
-    verdict = "met" if target["met"] else "NOT met"
     lines += [
         "",
         f"target: every limit_scope variant <= {TARGET_RATIO:g}x a bare "
-        f"anyio.CancelScope ... {verdict} (worst median {target['worst']:.3f}x)",
+        f"anyio.CancelScope ... {verdict(target['met'])} (worst median "
+        f"{target['worst']:.3f}x)",
     ]
     return "\n".join(lines)
 
@@ -226,18 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (9)")
     parser.add_argument("--n", type=int, help="enter+exit per batch (2000)")
     parser.add_argument("--batches", type=int, help="batches per round (5)")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="defaults of 3 rounds, 3 batches of 500 (a smoke run)",
-    )
-    parser.add_argument(
-        "--backend",
-        action="append",
-        choices=("asyncio", "trio"),
-        help="repeatable; default: asyncio, and trio if installed",
-    )
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    add_run_options(parser, "defaults of 3 rounds, 3 batches of 500 (a smoke run)")
     args = parser.parse_args(argv)
     fill_counts(
         parser,

@@ -73,15 +73,16 @@ done
 if [ $quick = 1 ]; then
     pythons=("${pythons[0]}")
     # Unless tests are named: the modules that drive the meter in the test
-    # process (tools/refleak.py --quick runs the same), and fork and the
-    # debug allocator hooks; not the long stress and timing tests.
+    # process (tools/refleak.py --quick runs the same), fork and the debug
+    # allocator hooks, and the coexistence tests (numpy's wrapped handler,
+    # memray); not the long stress and timing tests.
     named=0
     for arg in "${pytest_args[@]}"; do
         [[ $arg == -* ]] || named=1
     done
     if [ $named = 0 ]; then
         for module in exact scope sync tokens masking global_limit tracemalloc \
-            bad_input units process; do
+            bad_input units process coexistence; do
             pytest_args+=("tests/test_$module.py")
         done
     fi
