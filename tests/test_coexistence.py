@@ -426,7 +426,7 @@ async def test_numpy_arrays_handed_between_tasks(anyio_backend: str) -> None:
                     assert array.nbytes == 1_000_000
                     del array
 
-        async with anyio.create_task_group() as tg:
+        async with receive, anyio.create_task_group() as tg:
             tg.start_soon(consume)
             tg.start_soon(produce)
     finally:
