@@ -217,6 +217,25 @@ def _verdict(met: bool | None) -> str:
     return {True: "met", False: "**not met**", None: "not checked"}[met]
 
 
+def _target_lines(
+    have: list[dict[str, Any]],
+    target_of: Callable[[dict[str, Any]], dict[str, Any]],
+    label: str = "Target",
+    *,
+    worst: bool = True,
+) -> list[str]:
+    """One line per interpreter: whether its run met the target (found by
+    ``target_of`` in its figures), with the worst median ratio if ``worst``."""
+    lines = []
+    for r in have:
+        target = target_of(r["figures"])
+        detail = f" (worst median {target['worst']:.2f}x)" if worst else ""
+        lines.append(
+            f"{label}, {r['info']['version']}: {_verdict(target['met'])}{detail}."
+        )
+    return lines
+
+
 def _machine_section(machine: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
     cpu = machine["cpu"]
     if machine.get("cpu_mhz"):
@@ -368,13 +387,7 @@ def _scope_cost_section(runs: list[dict[str, Any]]) -> list[str]:
         *_table(["variant", *(f"{p} {b}" for p, b, _ in cols)], table_rows),
         "",
     ]
-    lines += [
-        f"Target, {r['info']['version']}: "
-        f"{_verdict(r['figures']['scope_cost']['summary']['target']['met'])} "
-        f"(worst median "
-        f"{r['figures']['scope_cost']['summary']['target']['worst']:.2f}x)."
-        for r in have
-    ]
+    lines += _target_lines(have, lambda f: f["scope_cost"]["summary"]["target"])
     return lines
 
 
@@ -432,12 +445,9 @@ def _memory_section(runs: list[dict[str, Any]]) -> list[str]:
         ),
         "",
     ]
-    lines += [
-        f"Target (budgeted <= 1.5x), {r['info']['version']}: "
-        f"{_verdict(r['figures']['groups']['summary']['target']['met'])} "
-        f"(worst median {r['figures']['groups']['summary']['target']['worst']:.2f}x)."
-        for r in have
-    ]
+    lines += _target_lines(
+        have, lambda f: f["groups"]["summary"]["target"], "Target (budgeted <= 1.5x)"
+    )
     return lines
 
 
@@ -496,12 +506,11 @@ def _many_tasks_section(runs: list[dict[str, Any]]) -> list[str]:
         ),
         "",
     ]
-    lines += [
-        f"Target (scoped peak RSS <= {fig['target']['ratio']:g}x), "
-        f"{fig['python']}: {_verdict(fig['target']['met'])} (worst median "
-        f"{fig['target']['worst']:.2f}x)."
-        for fig in (r["figures"]["many_tasks"]["summary"] for r in have)
-    ]
+    lines += _target_lines(
+        have,
+        lambda f: f["many_tasks"]["summary"]["target"],
+        f"Target (scoped peak RSS <= {first['target']['ratio']:g}x)",
+    )
     return lines
 
 
@@ -549,11 +558,9 @@ def _latency_section(runs: list[dict[str, Any]]) -> list[str]:
         ),
         "",
     ]
-    lines += [
-        f"Target, {r['info']['version']}: "
-        f"{_verdict(r['figures']['latency']['summary']['target']['met'])}."
-        for r in have
-    ]
+    lines += _target_lines(
+        have, lambda f: f["latency"]["summary"]["target"], worst=False
+    )
     prows = []
     for r in have:
         pre = r["figures"]["latency"]["preempt"]
@@ -586,11 +593,9 @@ def _latency_section(runs: list[dict[str, Any]]) -> list[str]:
         ),
         "",
     ]
-    lines += [
-        f"Target, {r['info']['version']}: "
-        f"{_verdict(r['figures']['latency']['preempt']['target']['met'])}."
-        for r in have
-    ]
+    lines += _target_lines(
+        have, lambda f: f["latency"]["preempt"]["target"], worst=False
+    )
     return lines
 
 
