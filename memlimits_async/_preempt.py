@@ -12,22 +12,35 @@ KeyboardInterrupt protection made per scope):
 
 * only in code charged to the breached scope: the running context's account
   is the scope's or one of its descendants;
+* only in a task the scope's cancellation reaches (the task that entered
+  it, or a child of a task group or nursery opened inside it: an exception
+  there comes back to the scope), never in a task merely started inside it
+  (``_task_tree``);
 * only inside the scope's body: walking out from the interrupted frame must
-  reach the frame that entered the scope (synchronous scopes) or a task's
-  outermost frame, the one a task driver (asyncio's ``Handle._run``, trio's
-  run loop, :func:`memlimits_async.run_sync`'s fence) runs;
-* never in code marked ``@interrupt_safe``, in a ``__del__``, inside an
-  ``interrupt_safe()`` region or shielded scope opened inside the breached
-  scope, nor in framework code (the event loops and their primitives,
-  threading, queue, contextlib, weakref, importlib, warnings, this package)
-  or in user code that framework code called: only the wrappers around a
-  task's outermost frame are allowed;
+  reach the frame where the body runs (synchronous scopes: the innermost
+  frame still running of those on the stack at entry, so that wrappers such
+  as ``ExitStack`` or ``@contextmanager`` are seen through) or the task's
+  outermost frame (its coroutine's, whoever drives it: asyncio's
+  ``Handle._run``, uvloop from C, trio's run loop), or the frame that
+  :func:`memlimits_async.run_sync`'s fence runs;
+* never in code marked ``@interrupt_safe``, in a ``__del__``, a weakref or
+  ``gc`` callback, inside an ``interrupt_safe()`` region or shielded scope
+  opened inside the breached scope, nor in framework code (the event loops
+  and their primitives, threading, queue, contextlib, weakref, importlib,
+  warnings, this package) or in user code that framework code called: only
+  the wrappers around a task's outermost frame are allowed;
 * never between a call that returned an awaitable and its ``await`` (the
-  exit of an ``async with`` calls ``__aexit__``, then awaits it).
+  exit of an ``async with`` calls ``__aexit__``, then awaits it);
+* only in code that has run without a checkpoint for the grace: a task
+  parked in ``await``, or resuming after it, is stopped by its cancellation
+  at its next checkpoint, as under anyio (see ``_Step``).
 
-Otherwise it waits and tries again every :data:`RETRY_PERIOD` seconds; the
-cooperative cancellation at the next checkpoint or region exit still comes
-first if it can.
+Otherwise it waits: while requests wait, the delivery thread polls every
+:data:`RETRY_PERIOD` to :data:`MAX_RETRY_PERIOD` seconds, and each poll
+starts from the code running in each thread and looks only at the scopes
+around it, so that it costs the nesting depth, not the number of waiting
+scopes.  The cooperative cancellation at the next checkpoint or region exit
+still comes first if it can.
 
 How it is raised (``_meter/interrupts.c``): on the main thread, a pending
 call runs the decision at an eval-breaker check of the running code and
@@ -43,25 +56,28 @@ active; ``LimitScope.__exit__`` ends it (:meth:`PreemptRequest.close`).
 
 from __future__ import annotations
 
+import collections
 import dis
 import functools
+import heapq
 import inspect
 import math
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import Context
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from ._accounts import Account, current_account
-from ._delivery import TICK, call_later, on_tick
+from ._delivery import TICK, LoopHandle, call_later, on_tick
 from ._exceptions import Preempted
 from ._masking import is_protected_code as _is_marked
 from ._masking import region_account
 from ._meter import _core
+from ._task_tree import current_task_of, root_frame, scope_reaches
 
 if TYPE_CHECKING:
     from ._scope import LimitScope
@@ -175,83 +191,231 @@ def parse_preempt(preempt: object) -> float | None:
 
 
 class PreemptRequest:
-    """A breached scope waiting for its code to stop."""
+    """A breached scope waiting for its code to stop.
 
-    __slots__ = ("active", "fired", "grace", "retry_in", "scope")
+    Requests are kept by the scope's account, and what is tried at each poll
+    starts from the code running in each thread: its account and the
+    accounts around it (:func:`_requests_around`).  So a poll costs the
+    nesting depth of the running code, however many scopes wait: a server
+    with 100,000 breached or timed-out scopes whose tasks are parked in
+    ``await`` (which their cancellation stops at once, with no preemption)
+    pays nothing for them.
+    """
+
+    __slots__ = ("account", "due", "fired", "grace", "scope", "thread_id")
 
     def __init__(self, scope: LimitScope, grace: float) -> None:
         self.scope = scope
         self.grace = grace
-        self.retry_in = RETRY_PERIOD
-        self.active = True
+        self.account = scope._account
+        self.thread_id = scope._preempt_thread()
+        self.due = time.monotonic() + grace
         self.fired = 0  # Preempted raised so far
 
     def start(self) -> None:
-        """Try once the grace has passed (at once for a zero grace)."""
-        if self.grace == 0:
-            self.attempt()
-        else:
-            call_later(self.grace, self.attempt)
+        """Wait for the code to stop; preempt it once the grace has passed.
+
+        Safe from any thread and from a signal handler: a dict store and a
+        set add, each one atomic, and a timer handed to the delivery thread.
+        """
+        if self.account is None:
+            return
+        _requests[self.account] = self
+        _polled_threads.add(self.thread_id)
+        _start_polling()
 
     def close(self) -> None:
-        self.active = False
-        _main_thread_requests.discard(self)
+        if self.account is not None and _requests.get(self.account) is self:
+            del _requests[self.account]
 
-    def attempt(self) -> None:
-        """Raise in each thread of the scope where it is safe now; try again
-        shortly where it is not, for as long as the scope is active."""
-        if not self.active:
-            return
-        for thread_id in {self.scope._preempt_thread(), *_workers}:
-            if thread_id == _MAIN_THREAD:
-                _main_thread_requests.add(self)
-                _core.call_on_main_thread()
-            elif THREADS_PREEMPTIBLE and thread_id != threading.get_ident():
-                self._attempt_in_thread(thread_id)
-        # The main thread's own retries are quicker (interrupts.c); these
-        # cover worker threads, and back off while nothing lands.
-        call_later(self.retry_in, self.attempt)
-        self.retry_in = min(self.retry_in * 2, MAX_RETRY_PERIOD)
+    def _fired(self) -> None:
+        self.fired += 1
+        # A body that catches Preempted and goes on gets another grace.
+        self.due = time.monotonic() + self.grace
+        self.scope._note_preempted()
 
-    def _attempt_in_thread(self, thread_id: int) -> None:
-        frame = sys._current_frames().get(thread_id)
-        context = _core.thread_context(thread_id)
-        if frame is None or context is None:
+
+# Waiting requests by the account of their scope; written from any thread
+# (single dict operations, atomic under the GIL).
+_requests: dict[Account, PreemptRequest] = {}
+# Threads where a waiting scope was entered: where its code runs, besides
+# run_sync workers (``_workers``).  Emptied when no request waits.
+_polled_threads: set[int] = set()
+
+_poll_scheduled = False
+_poll_period = RETRY_PERIOD
+
+
+def _start_polling() -> None:
+    """Make sure the delivery thread polls (:func:`_poll`) soon."""
+    global _poll_scheduled, _poll_period
+    _poll_period = RETRY_PERIOD
+    if not _poll_scheduled:
+        # Two callers racing here may both schedule a poll: harmless, both
+        # stop once no request waits.
+        _poll_scheduled = True
+        call_later(RETRY_PERIOD, _poll)
+
+
+def _poll() -> None:
+    """In the delivery thread, while requests wait: try each thread where
+    the code of a waiting scope may run, then poll again in a while."""
+    global _poll_scheduled, _poll_period
+    if not _requests:
+        # Clear the flag first, then look again: a request started in
+        # between either saw the flag cleared (and scheduled a poll) or is
+        # seen here.
+        _poll_scheduled = False
+        _polled_threads.clear()
+        if not _requests:
             return
-        if may_interrupt(self.scope, frame, context) and _core.raise_in_thread_at(
+        _poll_scheduled = True
+    fired = False
+    for thread_id in (*_polled_threads, *_workers):
+        if thread_id == _MAIN_THREAD:
+            # Decided and raised there, at its next eval-breaker check.
+            _core.call_on_main_thread()
+        elif THREADS_PREEMPTIBLE and thread_id != threading.get_ident():
+            fired = _attempt_in_thread(thread_id) or fired
+    # Quick while something may land, then backing off while nothing does:
+    # the main thread's own retries are quicker (interrupts.c).
+    _poll_period = RETRY_PERIOD if fired else min(_poll_period * 2, MAX_RETRY_PERIOD)
+    call_later(_poll_period, _poll)
+
+
+def _requests_around(account: Account | None) -> Iterator[PreemptRequest]:
+    """The waiting requests of ``account``'s scope and of the scopes around
+    it, innermost first."""
+    while account is not None:
+        request = _requests.get(account)
+        if request is not None:
+            yield request
+        account = account.outer
+
+
+class _Step:
+    """One stretch of a thread's code seen running without a checkpoint.
+
+    A task step that started before the breach and has not reached a
+    checkpoint for the grace is what preemption is for; a task that was
+    parked, or waited its turn behind others, and has just resumed is not:
+    its cancellation reaches it at its next checkpoint, as anyio's would.
+    The first time a thread is seen running a waiting scope's code, a
+    marker goes to the back of the loop's queue: it runs only once the
+    running step has ended.  The step counts as the same for as long as
+    the same task runs and the marker has not run.  Code outside any task
+    (a worker thread, a script) has no steps: it is one stretch.
+    """
+
+    __slots__ = ("ended", "since", "task")
+
+    def __init__(self, task: object | None, since: float) -> None:
+        self.task = task
+        self.since = since
+        self.ended = False
+
+    def end(self) -> None:
+        self.ended = True
+
+
+_steps: dict[int, _Step] = {}  # by thread
+
+
+def _running_for(
+    thread_id: int, task: object | None, loop: LoopHandle | None, now: float
+) -> float:
+    """Seconds the code running in ``thread_id`` (in ``task``) has run
+    without a checkpoint, as far as seen."""
+    step = _steps.get(thread_id)
+    if step is None or step.ended or step.task is not task:
+        step = _steps[thread_id] = _Step(task, now)
+        if loop is not None:
+            loop.call_soon_threadsafe(step.end)
+    return now - step.since
+
+
+def _ripe(
+    request: PreemptRequest,
+    thread_id: int,
+    task: object | None,
+    loop: LoopHandle | None,
+    now: float,
+) -> bool:
+    """True once the grace has passed and the code running in ``task`` on
+    ``loop`` (None: not a loop's task) has not reached a checkpoint for as
+    long."""
+    running_for = _running_for(thread_id, task, loop, now)
+    return now >= request.due and (loop is None or running_for >= request.grace)
+
+
+def _loop_and_task(
+    scope: LimitScope, thread_id: int
+) -> tuple[LoopHandle | None, object | None]:
+    """The scope's loop and its running task, if that loop runs in
+    ``thread_id`` (a run_sync worker runs the scope's code in no task)."""
+    loop = scope._loop
+    if loop is None or loop.thread_id != thread_id:
+        return None, None
+    if thread_id == threading.get_ident():
+        return loop, current_task_of(getattr(loop, "loop", None))
+    # From another thread: asyncio keeps the running task by loop; trio
+    # only in its own thread, where it is the step, not the task, that
+    # counts (the marker).
+    asyncio_loop = getattr(loop, "loop", None)
+    return loop, current_task_of(asyncio_loop) if asyncio_loop is not None else None
+
+
+def _attempt_in_thread(thread_id: int) -> bool:
+    """From the delivery thread: raise in another thread if it runs the code
+    of a waiting scope, where that is safe now.  True if raised."""
+    frame = sys._current_frames().get(thread_id)
+    context = _core.thread_context(thread_id)
+    if frame is None or context is None:
+        return False
+    running = context.get(current_account)
+    now = time.monotonic()
+    for request in _requests_around(running):
+        scope = request.scope
+        loop, task = _loop_and_task(scope, thread_id)
+        if not _ripe(request, thread_id, task, loop, now):
+            continue
+        if may_interrupt(scope, frame, context, task) and _core.raise_in_thread_at(
             thread_id,
             frame,
             frame.f_lasti,
             current_account,
-            context.get(current_account),
+            running,
             Preempted,
         ):
-            self._fired()
-
-    def _fired(self) -> None:
-        self.fired += 1
-        self.retry_in = RETRY_PERIOD
-        self.scope._note_preempted()
-
-
-_main_thread_requests: set[PreemptRequest] = set()
+            request._fired()
+            return True
+    return False
 
 
 # ---- timeouts: a deadline passed while the body was running ----
 #
-# Active scopes with a timeout, by id: (deadline, weak reference).  The
-# delivery thread scans them at every tick (0.25 s) and arms those whose
-# deadline passed; a deadline due before the next tick gets a timer of its
-# own.  So no timer outlives a tick, however many scopes with long timeouts
-# come and go (one timer per scope would live until its deadline).
-_deadlines: dict[int, tuple[float, weakref.ref[LimitScope]]] = {}
+# Active scopes with a timeout, by id: (deadline, id, weak reference).  The
+# delivery thread keeps them in a heap of its own, fed through a deque
+# (appends are atomic: scopes are entered in any thread without a lock), and
+# pops those whose deadline has passed at every tick (0.25 s); a deadline
+# due before the next tick gets a timer of its own.  So a tick costs the
+# scopes that are due, not all that wait, and no timer outlives a tick.
+# Exited scopes leave their entry in the heap (finding it would cost a
+# search); the heap is rebuilt from the live entries when they are fewer
+# than half of it.
+_DeadlineEntry = tuple[float, int, "weakref.ref[LimitScope]"]
+_deadlines: dict[int, _DeadlineEntry] = {}
+_deadline_inbox: collections.deque[_DeadlineEntry] = collections.deque()
+_deadline_heap: list[_DeadlineEntry] = []  # the delivery thread's own
 _next_scan = math.inf
 
 
 def watch_deadline(scope: LimitScope, deadline: float) -> None:
     """Preempt ``scope``'s body if it still runs at ``deadline`` (monotonic)."""
     global _next_scan
-    _deadlines[id(scope)] = (deadline, weakref.ref(scope))
+    entry = (deadline, id(scope), weakref.ref(scope))
+    _deadlines[id(scope)] = entry
+    _deadline_inbox.append(entry)
     delay = deadline - time.monotonic()
     if deadline < _next_scan and delay < TICK:
         _next_scan = deadline
@@ -264,24 +428,27 @@ def unwatch_deadline(scope: LimitScope) -> None:
 
 def scan_deadlines() -> None:
     """In the delivery thread: arm the scopes whose deadline has passed."""
-    global _next_scan
-    if not _deadlines:
-        _next_scan = math.inf
-        return
+    global _next_scan, _deadline_heap
+    heap = _deadline_heap
+    while _deadline_inbox:
+        heapq.heappush(heap, _deadline_inbox.popleft())
     now = time.monotonic()
-    earliest = math.inf
-    for key, (deadline, scope_ref) in list(_deadlines.items()):
-        if deadline > now:
-            earliest = min(earliest, deadline)
-            continue
-        _deadlines.pop(key, None)
-        scope = scope_ref()
+    while heap and heap[0][0] <= now:
+        entry = heapq.heappop(heap)
+        if _deadlines.get(entry[1]) is not entry:
+            continue  # exited, or another scope entered at the same id since
+        del _deadlines[entry[1]]
+        scope = entry[2]()
         if scope is not None:
             scope._deadline_passed()
+    if len(heap) > 64 and len(_deadlines) < len(heap) // 2:
+        heap = _deadline_heap = [e for e in heap if _deadlines.get(e[1]) is e]
+        heapq.heapify(heap)
+    earliest = heap[0][0] if heap else math.inf
     _next_scan = math.inf
     if earliest - now < TICK:
         _next_scan = earliest
-        call_later(earliest - now, scan_deadlines)
+        call_later(max(earliest - now, 0.0), scan_deadlines)
 
 
 on_tick(scan_deadlines)
@@ -308,17 +475,24 @@ def run_fenced(function: Callable[..., T], args: tuple[object, ...]) -> T:
 def _on_main_thread_call() -> BaseException | bool:
     """Runs at an eval-breaker check of the main thread (a pending call):
     the frame that called it is the code being interrupted.  Returns the
-    exception to raise there, True to be called again shortly (a request
-    waits), or False."""
+    exception to raise there, True to be called again shortly (a request is
+    due but this is not a place to land), or False."""
+    running = current_account.get(None)
+    if running is None or not _requests:
+        return False
     frame = sys._getframe(1)
-    for request in tuple(_main_thread_requests):
-        if not request.active:
-            _main_thread_requests.discard(request)
-        elif may_interrupt(request.scope, frame, None):
-            _main_thread_requests.discard(request)
+    now = time.monotonic()
+    again = False
+    for request in _requests_around(running):
+        scope = request.scope
+        loop, task = _loop_and_task(scope, _MAIN_THREAD)  # type: ignore[arg-type]
+        if not _ripe(request, _MAIN_THREAD, task, loop, now):  # type: ignore[arg-type]
+            continue
+        if may_interrupt(scope, frame, None, task):
             request._fired()
-            return Preempted(request.scope._preempt_reason())
-    return bool(_main_thread_requests)
+            return Preempted(scope._preempt_reason())
+        again = True
+    return again
 
 
 # Code where the innermost frame is never interrupted, whatever the scope:
@@ -332,10 +506,16 @@ _core.set_interrupt_handler(_on_main_thread_call, _never_here)
 # ---- the decision ----
 
 
-def may_interrupt(scope: LimitScope, frame: FrameType, context: Context | None) -> bool:
+def may_interrupt(
+    scope: LimitScope,
+    frame: FrameType,
+    context: Context | None,
+    task: object | None = None,
+) -> bool:
     """True if raising in ``frame`` (running in ``context``, None for the
-    current one) can only unwind code of the scope's body that is not
-    protected (see the module docstring)."""
+    current one, and in ``task``, None for code outside any task) can only
+    unwind code of the scope's body that is not protected (see the module
+    docstring)."""
     account = scope._account
     if account is None:
         return False
@@ -351,16 +531,26 @@ def may_interrupt(scope: LimitScope, frame: FrameType, context: Context | None) 
         return False  # not charged to the scope: not its code
     if region is not None and region.is_within(account):
         return False  # a region or shield opened inside the scope
-    return _frames_allow(frame, scope._entry_frame)
+    root = None
+    if task is not None:
+        cancel_scope = scope._cancel_scope
+        if cancel_scope is not None and not scope_reaches(cancel_scope, task):
+            return False  # started inside, but not owned by the scope
+        root = root_frame(task)
+    return _frames_allow(frame, scope._entry_frames, root)
 
 
-def _frames_allow(frame: FrameType, entry_frame: FrameType | None) -> bool:
+def _frames_allow(
+    frame: FrameType,
+    entry_frames: tuple[FrameType, ...],
+    root: FrameType | None,
+) -> bool:
     _learn_drivers()
     chain: list[FrameType] = []
     current: FrameType | None = frame
     while current is not None:
         chain.append(current)
-        if current is entry_frame:
+        if current is root or current in entry_frames:
             break
         outer = current.f_back
         if outer is not None and outer.f_code in _driver_codes:
@@ -377,7 +567,7 @@ def _frames_allow(frame: FrameType, entry_frame: FrameType | None) -> bool:
     outermost_user = None
     for index, each in enumerate(chain):
         code = each.f_code
-        if _is_marked(code) or code.co_name == "__del__":
+        if _is_marked(code) or code.co_name == "__del__" or _runtime_callback(each):
             return False
         if not _is_framework(each):
             outermost_user = index
@@ -393,6 +583,34 @@ def _frames_allow(frame: FrameType, entry_frame: FrameType | None) -> bool:
     ):
         return False
     return all(not _is_framework(each) for each in chain[:outermost_user])
+
+
+def _runtime_callback(frame: FrameType) -> bool:
+    """True for a function the runtime called on its own, in the middle of
+    whatever code ran, like a ``__del__``: a weakref callback (called with
+    the dead reference) or a ``gc.callbacks`` function (called with the
+    phase and an info dict).  An exception raised there is never seen by the
+    code around it: CPython reports it as unraisable and goes on.
+
+    (``weakref.finalize`` and ``atexit`` need no test: the first runs in
+    the weakref module, which is framework code, and the second outside any
+    scope's body.)"""
+    code = frame.f_code
+    if not 1 <= code.co_argcount <= 2:
+        return False
+    local_values = frame.f_locals
+    arguments = [
+        local_values.get(name) for name in code.co_varnames[: code.co_argcount]
+    ]
+    last = arguments[-1]
+    if isinstance(last, weakref.ReferenceType) and last() is None:
+        return True  # a weakref callback, maybe a bound method's
+    return (
+        len(arguments) == 2
+        and arguments[0] in ("start", "stop")
+        and isinstance(last, dict)
+        and "generation" in last
+    )
 
 
 def _about_to_await(frame: FrameType) -> bool:

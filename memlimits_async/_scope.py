@@ -170,7 +170,9 @@ class LimitScope:
     _preempt_request: PreemptRequest | None = None
     _preempt_breach: Breach | None = None  # what the preemption is for
     _preempted: int = 0  # times Preempted was raised in the body
-    _entry_frame: FrameType | None = None  # outside a task: where it was entered
+    # Outside a task: the frames on the stack where it was entered (the
+    # innermost of them still running is where its body runs).
+    _entry_frames: tuple[FrameType, ...] = ()
     _thread_id: int = 0  # outside a task: the thread it was entered in
     _region_token: object = None  # shielded: the interrupt-safe region marker
     _shield: bool = False
@@ -333,8 +335,8 @@ class LimitScope:
             self._preempt_request.close()
         if self._timeout is not None:
             unwatch_deadline(self)
-        if self._entry_frame is not None:
-            self._entry_frame = None
+        if self._entry_frames:
+            self._entry_frames = ()
         if self._tokens:
             self._unwatch_tokens()
         breach = self._delivered or self._undelivered_breach(record)
@@ -444,7 +446,7 @@ class LimitScope:
         remember where it runs.  Returns whether to wait for them."""
         if self._grace() is None:
             return False
-        self._entry_frame = sys._getframe(2)  # the frame of the `with`
+        self._entry_frames = _frames_from(sys._getframe(2))
         self._thread_id = threading.get_ident()
         start_delivery()
         return True
@@ -626,6 +628,24 @@ class LimitScope:
         breach = self.breach
         status = self._state if breach is None else f"breached: {breach.reason}"
         return f"<LimitScope {' '.join(limits) or 'unlimited'} ({status})>"
+
+
+def _frames_from(frame: FrameType | None) -> tuple[FrameType, ...]:
+    """``frame`` and every frame it was called from.
+
+    The frame that calls ``__enter__`` is where the body runs only when
+    the ``with`` names the scope itself.  Through a wrapper (an
+    ``ExitStack``, a ``@contextmanager`` generator, a class whose
+    ``__enter__`` enters the scope) the wrapper's frames return or suspend
+    before the body starts, and the body runs in a frame further out: the
+    innermost of these frames that is still running when the body is
+    interrupted.  (Holding them keeps a returned wrapper's frame alive until
+    the scope exits; a scope outside any task is rare enough for that.)"""
+    frames = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    return tuple(frames)
 
 
 limit_scope = LimitScope

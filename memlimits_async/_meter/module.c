@@ -286,6 +286,27 @@ Account_is_within(AccountObject *self, PyObject *other)
     Py_RETURN_FALSE;
 }
 
+/* The account that was current where this one was entered: the next
+ * enclosing scope's, as the running code sees it.  The preemption layer
+ * walks it out from the running account, so that finding the breached
+ * scopes around running code costs the nesting depth, not the number of
+ * breached scopes. */
+static PyObject *
+Account_get_outer(AccountObject *self, void *Py_UNUSED(closure))
+{
+    if (self->previous == NULL || !Py_IS_TYPE(self->previous, &AccountType)) {
+        Py_RETURN_NONE;
+    }
+    return Py_NewRef(self->previous);
+}
+
+static PyGetSetDef Account_getset[] = {
+    {"outer", (getter)Account_get_outer, NULL,
+     "The account current where this one was entered (None outside every\n"
+     "account, or when it is not entered).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMethodDef Account_methods[] = {
     {"mark_interrupted", (PyCFunction)Account_mark_interrupted, METH_NOARGS,
      "mark_interrupted(): a breach was delivered to this account's scope;\n"
@@ -326,6 +347,7 @@ static PyTypeObject AccountType = {
     .tp_new = Account_new,
     .tp_dealloc = (destructor)Account_dealloc,
     .tp_methods = Account_methods,
+    .tp_getset = Account_getset,
 };
 
 static PyObject *
