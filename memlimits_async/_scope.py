@@ -348,32 +348,45 @@ class LimitScope:
             except BaseException as left:
                 # trio strips its Cancelled out of an exception group and
                 # raises what is left: the breach is kept all the same.
-                self._breach = self._final_breach(breach, cancel_scope)
+                self._breach = self._final_breach(breach, cancel_scope, True)
                 if not self._absorbs(left):
                     raise
                 suppressed = True
         if exc is not None and not suppressed and self._absorbs(exc):
             suppressed = True
         if self._timeout is not None or breach is None:
-            breach = self._final_breach(breach, cancel_scope)
+            breach = self._final_breach(breach, cancel_scope, exc is not None)
         self._breach = breach
         if breach is not None and self._raise_on_breach and (exc is None or suppressed):
             raise exception_for(breach) from None
         return suppressed
 
     def _final_breach(
-        self, breach: Breach | None, cancel_scope: CancelScopeLike | None
+        self,
+        breach: Breach | None,
+        cancel_scope: CancelScopeLike | None,
+        body_failed: bool,
     ) -> Breach | None:
-        """The breach to report, the timeout included (known only now)."""
+        """The breach to report, the timeout included (known only now).
+
+        A deadline that passed while the body ran to its end without a
+        checkpoint cut nothing: like anyio's ``cancelled_caught``, it is not
+        reported (a task resuming after a stall finishes its step).  It is
+        when the body left with an exception (the cancellation, or what it
+        turned into) or was preempted."""
         if breach is None and self._preempted:
             breach = self._preempt_breach  # preempted before the loop knew
         if self._timeout is None:
             return breach
         if cancel_scope is not None:
             # Cancelled with no breach and no cancel() call: the deadline did it.
-            timed_out = cancel_scope.cancel_called and (
-                self._timeout_came_first
-                or (breach is None and not self._cancel_requested)
+            timed_out = (
+                cancel_scope.cancel_called
+                and (body_failed or self._preempted > 0)
+                and (
+                    self._timeout_came_first
+                    or (breach is None and not self._cancel_requested)
+                )
             )
         else:
             timed_out = breach is None and time.monotonic() >= self._deadline
