@@ -41,6 +41,9 @@ if sanitize:
         # libasan is preloaded: ASan's report of the SIGILL (its log, a stack
         # through the meter) catches it in every process, children included.
         "-fsanitize-undefined-trap-on-error",
+        # Should a check ever call the runtime instead, it still stops there
+        # (tools/check-native.sh refuses a build whose checks would recover).
+        "-fno-sanitize-recover=all",
     ]
     link_args.append(f"-fsanitize={sanitize}")
 

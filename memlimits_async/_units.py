@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
-from typing import NoReturn
+from typing import NoReturn, SupportsIndex
 
 __all__ = ["format_size", "parse_size"]
 
@@ -21,16 +22,24 @@ _UNITS = {
     "tib": 1024**4,
 }
 
-_SIZE_RE = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+# Python's own rules for the digits of a literal: an underscore only between
+# two digits ("1_000", not "1__0", "_1", "1_" or "1_.5").
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_SIZE_RE = re.compile(
+    rf"^\s*({_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})\s*([a-zA-Z]*)\s*$"
+)
 
 
 def parse_size(value: object, *, name: str) -> int:
     """Return ``value`` as a whole number of bytes.
 
-    Accepts a non-negative int, a finite non-negative float (truncated), or a
-    string of a number and an optional unit: B, kB/MB/GB/TB (powers of 1000)
-    or KiB/MiB/GiB/TiB (powers of 1024), case-insensitive.  Errors name the
-    argument: ``TypeError`` for a wrong type, ``ValueError`` for a bad value.
+    Accepts a non-negative integer (an int, or any integer type that
+    ``operator.index`` accepts, such as ``numpy.int64``; not a bool), a
+    finite non-negative float (truncated), or a string of a number and an
+    optional unit: B, kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB
+    (powers of 1024), case-insensitive.  Underscores may group digits as in
+    Python literals (``"1_000_000"``).  Errors name the argument:
+    ``TypeError`` for a wrong type, ``ValueError`` for a bad value.
     """
     # Exact-type fast paths first: a scope parses its limits on every request.
     if value.__class__ is int:
@@ -51,16 +60,33 @@ def parse_size(value: object, *, name: str) -> int:
         return _parse_size_text(str(value), name)
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a size in bytes (int or str), not bool")
-    if isinstance(value, int | float):
-        if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
             raise ValueError(f"{name} must be a finite size, got {value!r}")
         if value < 0:
             raise ValueError(f"{name} must not be negative, got {value!r}")
         return _checked(int(value), value, name)
-    raise TypeError(
-        f"{name} must be a size in bytes (int, or str like '50 MiB'), "
-        f"not {type(value).__name__}"
-    )
+    size = _integer(value)
+    if size is None:
+        raise TypeError(
+            f"{name} must be a size in bytes (int, or str like '50 MiB'), "
+            f"not {type(value).__name__}"
+        )
+    if size < 0:
+        raise ValueError(f"{name} must not be negative, got {value!r}")
+    return _checked(size, value, name)
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an int if it is an integer by its own account: an int
+    subclass, numpy.int64 and the like (``operator.index``).  Not a bool,
+    nor numpy.bool_ (which ``operator.index`` refuses): True is no size."""
+    if isinstance(value, bool) or not isinstance(value, SupportsIndex):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:  # an __index__ that refuses, or returns a non-int
+        return None
 
 
 # The meter counts bytes in 64-bit signed integers (8 EiB).
@@ -85,8 +111,9 @@ _parsed_text: dict[str, int] = {}
 def _parse_size_text(text: str, name: str) -> int:
     match = _SIZE_RE.match(text)
     if match is None:
+        hint = " (an underscore goes only between two digits)" if "_" in text else ""
         raise ValueError(
-            f"{name} must look like '50 MiB', '1.5 GB' or '4096', got {text!r}"
+            f"{name} must look like '50 MiB', '1.5 GB' or '4096', got {text!r}{hint}"
         )
     digits, unit = match.groups()
     multiplier = _UNITS.get(unit.lower())
@@ -104,12 +131,13 @@ def _parse_size_text(text: str, name: str) -> int:
     return _checked(int(digits) * multiplier, text, name)  # exact
 
 
-def format_size(size: int) -> str:
+def format_size(size: SupportsIndex) -> str:
     """``1536`` -> ``'1.5 KiB'``; binary units, three significant digits."""
-    if size.__class__ is not int and (
-        isinstance(size, bool) or not isinstance(size, int)
-    ):
-        raise TypeError(f"size must be an int (bytes), not {type(size).__name__}")
+    if size.__class__ is not int:
+        integer = _integer(size)  # numpy.int64 too, as in parse_size
+        if integer is None:
+            raise TypeError(f"size must be an int (bytes), not {type(size).__name__}")
+        size = integer
     magnitude = abs(size)
     for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2)):
         if magnitude >= factor:

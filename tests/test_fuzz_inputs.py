@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import gc
 import math
+import operator
 import os
 import re
 import threading
 from collections.abc import Callable, Iterator
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -43,8 +44,20 @@ UNITS = {
     "tib": 2**40,
 }
 
-# "A number and an optional unit", the documented grammar.
-SIZE_GRAMMAR = re.compile(r"\s*([0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*")
+# "A number and an optional unit", the documented grammar; the number is
+# checked against Python's own literal rules (python_number).
+SIZE_GRAMMAR = re.compile(r"\s*([0-9_.]+)\s*([a-zA-Z]*)\s*")
+
+
+def python_number(text: str) -> bool:
+    """Would Python read these digits, underscores and dot as a number?
+    (Its rules for underscores: only between two digits.)"""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
 
 # Derandomized: the suite sees the same examples on every run (a search
 # with more examples: FUZZ_EXAMPLES=5000 FUZZ_RANDOM=1 pytest this file).
@@ -80,14 +93,52 @@ def size_text(draw: st.DrawFn) -> str:
     whole = draw(st.integers(min_value=0, max_value=10**22))
     digits = f"{whole:_}" if draw(st.booleans()) else str(whole)
     if draw(st.booleans()):
-        digits += "." + draw(st.text("0123456789", max_size=6))
+        digits += "." + draw(st.text("0123456789_", max_size=6))
+    if draw(st.integers(min_value=0, max_value=3)) == 0:
+        # Underscores where Python allows none: doubled, leading, trailing,
+        # next to the dot.
+        at = draw(st.integers(min_value=0, max_value=len(digits)))
+        digits = digits[:at] + draw(st.sampled_from(["_", "__"])) + digits[at:]
     unit = draw(st.sampled_from([*UNITS, "eib", "k", "bytes", "xb"]))
     unit = "".join(c.upper() if draw(st.booleans()) else c for c in unit)
     space = st.sampled_from(["", " ", "  ", "\t", "\n"])
     return draw(space) + digits + draw(space) + unit + draw(space)
 
 
-sizes = st.one_of(anything, size_text())
+class Index:
+    """An integer by its own account (``__index__``), like numpy.int64."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"Index({self.value!r})"
+
+
+def integer_types() -> st.SearchStrategy[object]:
+    """Integers that are not ints: __index__, and numpy's if it is here."""
+    kinds: list[st.SearchStrategy[object]] = [
+        st.integers(min_value=-(2**70), max_value=2**70).map(Index)
+    ]
+    try:
+        import numpy as np
+    except ImportError:
+        return st.one_of(kinds)
+    kinds += [
+        st.integers(min_value=-(2**63), max_value=2**63 - 1).map(np.int64),
+        st.integers(min_value=0, max_value=2**64 - 1).map(np.uint64),
+        st.integers(min_value=-128, max_value=127).map(np.int8),
+        st.booleans().map(np.bool_),  # not an integer: refused, as bool
+        st.floats(width=32).map(np.float32),  # nor a float subclass
+        st.floats().map(np.float64),  # a float subclass
+    ]
+    return st.one_of(kinds)
+
+
+sizes = st.one_of(anything, size_text(), integer_types())
 
 
 class Ambiguous:
@@ -119,10 +170,12 @@ def expected_size(value: object) -> int | Refused | Ambiguous:
             return Refused(ValueError)
         return int(value)
     if isinstance(value, str):
-        match = re.fullmatch(
-            r"\s*([0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", value
-        )
-        if match is None or match[2].lower() not in UNITS:
+        match = SIZE_GRAMMAR.fullmatch(value)
+        if (
+            match is None
+            or not python_number(match[1])
+            or match[2].lower() not in UNITS
+        ):
             return Refused(ValueError)
         number = Decimal(match[1].replace("_", "")) * UNITS[match[2].lower()]
         if "." not in match[1]:
@@ -132,7 +185,11 @@ def expected_size(value: object) -> int | Refused | Ambiguous:
         if number > MAX_SIZE * Decimal("1.001"):
             return Refused(ValueError)
         return AMBIGUOUS
-    return Refused(TypeError)
+    try:  # an integer by its own account
+        integer = operator.index(cast(Any, value))
+    except TypeError:
+        return Refused(TypeError)
+    return integer if 0 <= integer <= MAX_SIZE else Refused(ValueError)
 
 
 def check_size_outcome(
@@ -238,7 +295,7 @@ def test_configure_sampling_interval(value: object) -> None:
         assert configure() == before
         return
     expected = expected_size(value)
-    if isinstance(expected, int) and expected <= 1 and not isinstance(value, int):
+    if isinstance(expected, int) and expected <= 1 and isinstance(value, float | str):
         # A valid size, maybe not a valid interval: 0 is refused, and a
         # fraction of a byte rounds to 0 or 1.
         try:

@@ -103,3 +103,68 @@ def test_str_and_int_subclasses_are_sizes() -> None:
     assert parse_size(Number(5), name="memory") == 5
     with pytest.raises(ValueError, match="memory"):
         parse_size(Number(-5), name="memory")
+
+
+class _Index:
+    """An integer by its own account (``__index__``), like numpy.int64."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def test_integer_types_with_index_are_sizes() -> None:
+    assert parse_size(_Index(4096), name="memory") == 4096
+    assert format_size(_Index(1536)) == "1.5 KiB"
+    with pytest.raises(ValueError, match="memory"):
+        parse_size(_Index(-1), name="memory")
+    with pytest.raises(ValueError, match="memory"):
+        parse_size(_Index(2**63), name="memory")
+
+
+def test_numpy_integers_are_sizes_and_numpy_bools_are_not() -> None:
+    np = pytest.importorskip("numpy")
+    for integer in (np.int64, np.int32, np.uint64, np.uint8, np.intp):
+        size = parse_size(integer(100), name="memory")
+        assert size == 100 and type(size) is int
+    assert format_size(np.int64(1536)) == "1.5 KiB"
+    assert parse_size(np.array(7), name="memory") == 7  # 0-d, as in range()
+    with pytest.raises(ValueError, match="memory"):
+        parse_size(np.int64(-1), name="memory")
+    with pytest.raises(ValueError, match="memory"):
+        parse_size(np.uint64(2**64 - 1), name="memory")
+    for flag in (np.True_, np.False_):
+        with pytest.raises(TypeError, match="memory"):
+            parse_size(flag, name="memory")
+        with pytest.raises(TypeError, match="size"):
+            format_size(flag)
+    with pytest.raises(TypeError, match="memory"):
+        parse_size(np.array([5]), name="memory")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1_0", 10),
+        ("1_000.5", 1000),
+        ("1_0.2_5 KiB", 10496),
+        (".2_5 KiB", 256),
+        ("5.", 5),
+    ],
+)
+def test_underscores_between_digits_group_them(text: str, expected: int) -> None:
+    assert parse_size(text, name="memory") == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1__0", "_1", "1_", "1_ MiB", "1_.5", "1._5", "1.5_", "._5", "_", "1_000__000"],
+)
+def test_underscores_follow_python_literal_rules(text: str) -> None:
+    # float() and int() refuse every one of these too.
+    with pytest.raises(ValueError):
+        float(text.removesuffix(" MiB"))
+    with pytest.raises(ValueError, match=r"allocations.*underscore"):
+        parse_size(text, name="allocations")

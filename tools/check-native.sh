@@ -82,7 +82,7 @@ if [ $quick = 1 ]; then
     done
     if [ $named = 0 ]; then
         for module in exact scope sync tokens masking global_limit tracemalloc \
-            bad_input units process coexistence; do
+            bad_input units huge_allocations process coexistence; do
             pytest_args+=("tests/test_$module.py")
         done
     fi
@@ -157,6 +157,17 @@ with zipfile.ZipFile(wheel) as z:
             z.extract(name, sys.argv[2])
 PY
         rm -rf "$src/build"
+    fi
+
+    # Undefined behaviour must stop the process that meets it, or a test
+    # that passes over it would hide it: every UBSan check of the build traps
+    # (setup.py), none calls a runtime handler that reports and carries on.
+    so=$(find "$src/memlimits_async/_meter" -name '_core*.so')
+    recovering=$(nm -D --undefined-only "$so" | grep -oE '__ubsan_handle_[a-z_0-9]+' \
+        | grep -v '_abort$' || true)
+    if [ -n "$recovering" ]; then
+        echo "check-native: the build's UBSan checks report and continue:" $recovering >&2
+        exit 1
     fi
 
     # The sanitizer's runtime settings, for this process and its children

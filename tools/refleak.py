@@ -65,6 +65,7 @@ QUICK = [
     "test_tracemalloc.py",
     "test_bad_input.py",
     "test_units.py",
+    "test_huge_allocations.py",
 ]
 # Tests that start or stop tracemalloc themselves.
 USES_TRACEMALLOC = ["test_tracemalloc.py"]

@@ -14,6 +14,8 @@ it in legacy ones too, with the same exception.
 
 import _thread
 import importlib
+import importlib.util
+import os
 
 
 def _in_main_interpreter() -> bool:
@@ -37,6 +39,37 @@ if not _in_main_interpreter():
         name=__name__,
     )
 
-from . import _core  # noqa: E402
+
+def _not_built_message() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    if os.path.exists(os.path.join(root, "pyproject.toml")):
+        # As numpy does when imported from its source tree: say so, and how
+        # to get out (python -m pytest, or python run from the checkout,
+        # put the current directory first on sys.path).
+        return (
+            f"memlimits_async was imported from its source tree ({root}), "
+            "where its C extension memlimits_async._meter._core is not "
+            "built: `python -m pytest` and `python` started in the checkout "
+            "put it first on sys.path.  Test the installed package as the "
+            "README does: `.venv/bin/pip install '.[test]' && "
+            ".venv/bin/pytest` (or `python -P -m pytest`, which keeps the "
+            "checkout off sys.path); or build the extension into the "
+            "checkout with an editable install: `pip install -e '.[test]'`."
+        )
+    return (
+        "memlimits_async is installed without its C extension "
+        f"memlimits_async._meter._core (in {here}): reinstall it, "
+        "`pip install --force-reinstall memlimits_async`, with a C compiler "
+        "and Python's headers if it is built from source."
+    )
+
+
+try:
+    from . import _core
+except ImportError:
+    if importlib.util.find_spec(f"{__name__}._core") is not None:
+        raise  # built, but it does not load: its own error says why
+    raise ImportError(_not_built_message(), name=f"{__name__}._core") from None
 
 __all__ = ["_core"]

@@ -191,10 +191,10 @@ void
 account_charge(account_t *a, int64_t weight)
 {
     account_t *allocating = a;
-    global_live += weight;
+    global_live = meter_add_clamped(global_live, weight);
     for (; a != NULL; a = a->parent) {
-        a->allocated += weight;
-        a->live += weight;
+        a->allocated = meter_add_clamped(a->allocated, weight);
+        a->live = meter_add_clamped(a->live, weight);
         if (a->live > a->peak_live) {
             a->peak_live = a->live;
         }
@@ -218,9 +218,9 @@ account_charge(account_t *a, int64_t weight)
 void
 account_credit(account_t *a, int64_t weight)
 {
-    global_live -= weight;
+    global_live = meter_add_clamped(global_live, -weight);
     for (; a != NULL; a = a->parent) {
-        a->live -= weight;
+        a->live = meter_add_clamped(a->live, -weight);
     }
 }
 

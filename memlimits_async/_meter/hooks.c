@@ -120,16 +120,27 @@ sample(thread_meter_t *t, void *ptr, size_t size, int64_t overshoot)
         }
         overshoot = -t->countdown;
     }
+    if (ptr == NULL) {
+        /* Refused: nothing to charge, and nothing to weigh.  The request
+         * may be of nearly 2**63 bytes (bytearray(2**63 - 64)), whose marks
+         * would weigh more than an int64 holds.  A fresh countdown leaves
+         * the estimate unbiased (memorylessness). */
+        sampler_redraw(t);
+        return;
+    }
     int64_t weight;
     if (t->mean <= 1) {
         weight = (int64_t)size;
     }
-    else {
-        weight = (1 + sampler_extra_marks(t, overshoot)) * t->mean;
+    else if (__builtin_add_overflow(sampler_extra_marks(t, overshoot), 1,
+                                    &weight)
+             || __builtin_mul_overflow(weight, t->mean, &weight)) {
+        /* Only a block of nearly 2**63 bytes, or a configured interval
+         * near 2**63, gets here: saturate rather than wrap. */
+        weight = INT64_MAX;
     }
     sampler_redraw(t);
-    if (ptr == NULL || weight == 0 || !attribution_enabled
-        || !holds_main_gil()) {
+    if (weight == 0 || !attribution_enabled || !holds_main_gil()) {
         return;
     }
     account_t *account = current_account();
@@ -260,7 +271,11 @@ meter_realloc_slow(meter_realloc_fn below, void *ctx, thread_meter_t *t,
     return new_ptr;
 }
 
-/* Fast paths: a thread-local subtraction and a branch, then a tail call. */
+/* Fast paths: a thread-local subtraction and a branch, then a tail call.
+ * The subtraction cannot overflow: a countdown is never negative here (every
+ * slow path leaves a fresh one), and no size is above PY_SSIZE_T_MAX, as
+ * PyMem_Malloc, PyObject_Malloc and the others refuse larger requests
+ * before they call the allocator. */
 
 static void *
 hook_malloc(void *ctx, size_t size)
@@ -278,11 +293,11 @@ hook_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     domain_hook_t *hook = ctx;
     thread_meter_t *t = &meter_tls;
-    size_t size;
+    int64_t size;
     if (METER_UNLIKELY(__builtin_mul_overflow(nelem, elsize, &size))) {
         return hook->prev.calloc(hook->prev.ctx, nelem, elsize);  /* fails */
     }
-    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
+    if (METER_LIKELY((t->countdown -= size) > 0)) {
         return hook->prev.calloc(hook->prev.ctx, nelem, elsize);
     }
     return meter_calloc_slow(hook->prev.calloc, hook->prev.ctx, t, nelem,

@@ -57,6 +57,20 @@ enum {
 
 #define NO_LIMIT (-1)
 
+/* a + b, clamped to the int64 range.  Byte counts add up weights that may
+ * themselves be clamped at INT64_MAX (sample() in hooks.c): pinned at the
+ * end of the range they still read as "over any limit", where a wrapped
+ * count would read as negative. */
+static inline int64_t
+meter_add_clamped(int64_t a, int64_t b)
+{
+    int64_t sum;
+    if (__builtin_add_overflow(a, b, &sum)) {
+        return b > 0 ? INT64_MAX : INT64_MIN;
+    }
+    return sum;
+}
+
 /* ---- accounts (accounts.c) ----
  * A plain C struct with its own reference count, so that a free (which may
  * happen long after the scope that owned the account has gone) never runs

@@ -77,12 +77,20 @@ typedef struct {
 static np_allocator_t below;
 static PyObject *default_capsule = NULL;  /* strong ref, once wrapped */
 
-/* Fast paths, as in hooks.c: a thread-local subtraction and a branch. */
+/* Fast paths, as in hooks.c: a thread-local subtraction and a branch.
+ * numpy refuses arrays of more than NPY_MAX_INTP bytes, but its handler is
+ * public C API (PyDataMem_UserNEW): a size past INT64_MAX, which no
+ * allocator can grant, goes straight below to fail there, unmetered (as
+ * CPython's PyMem_Malloc refuses it before calling its allocator), so that
+ * the countdown cannot wrap. */
 
 static void *
 np_malloc(void *ctx, size_t size)
 {
     thread_meter_t *t = &meter_tls;
+    if (METER_UNLIKELY(size > (size_t)INT64_MAX)) {
+        return below.malloc(below.ctx, size);  /* fails */
+    }
     if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
         return below.malloc(below.ctx, size);
     }
@@ -93,11 +101,11 @@ static void *
 np_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     thread_meter_t *t = &meter_tls;
-    size_t size;
+    int64_t size;
     if (METER_UNLIKELY(__builtin_mul_overflow(nelem, elsize, &size))) {
         return below.calloc(below.ctx, nelem, elsize);  /* fails */
     }
-    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
+    if (METER_LIKELY((t->countdown -= size) > 0)) {
         return below.calloc(below.ctx, nelem, elsize);
     }
     return meter_calloc_slow(below.calloc, below.ctx, t, nelem, elsize, size);
@@ -107,6 +115,10 @@ static void *
 np_realloc(void *ctx, void *ptr, size_t size)
 {
     thread_meter_t *t = &meter_tls;
+    if (METER_UNLIKELY(size > (size_t)INT64_MAX)) {
+        /* Fails, leaving the block and its record as they are. */
+        return below.realloc(below.ctx, ptr, size);
+    }
     if (METER_UNLIKELY(ptr != NULL && blocks_maybe_tracked(ptr))) {
         return meter_realloc_slow(below.realloc, below.ctx, t, ptr, size, 0);
     }

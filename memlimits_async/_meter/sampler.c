@@ -366,16 +366,28 @@ poisson_ptrs(thread_meter_t *t, double lam)
         double u = uniform(t) - 0.5;
         double v = uniform(t);
         double us = 0.5 - fabs(u);
-        int64_t k = (int64_t)floor((2 * a / us + b) * u + lam + 0.43);
-        if (us >= 0.07 && v <= vr) {
-            return k;
+        if (us == 0) {
+            /* u = 0.5 (uniform() gave 1), outside the algorithm's open
+             * interval: 2a/us would divide by zero. */
+            continue;
         }
-        if (k < 0 || (us < 0.013 && v > us)) {
+        double k = floor((2 * a / us + b) * u + lam + 0.43);
+        /* Negative k is rejected below anyway; k >= 2**63 (us near 0)
+         * cannot be cast to int64, and for lam <= 2**62 (an overshoot below
+         * 2**63 bytes, an interval of 2 bytes or more) the test below would
+         * reject it.  For lam >= 10 the first acceptance never sees either. */
+        if (!(k >= 0 && k < 0x1p63)) {
+            continue;
+        }
+        if (us >= 0.07 && v <= vr) {
+            return (int64_t)k;
+        }
+        if (us < 0.013 && v > us) {
             continue;
         }
         if (log(v) + log(invalpha) - log(a / (us * us) + b)
-            <= -lam + (double)k * loglam - lgamma((double)k + 1)) {
-            return k;
+            <= -lam + k * loglam - lgamma(k + 1)) {
+            return (int64_t)k;
         }
     }
 }
