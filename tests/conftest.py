@@ -1,7 +1,8 @@
 """Shared fixtures.
 
-``anyio_backend`` runs every ``@pytest.mark.anyio`` test on asyncio and on
-trio (anyio's pytest plugin); native asyncio tests use pytest-asyncio and
+``anyio_backend`` runs every ``@pytest.mark.anyio`` test on asyncio, on
+asyncio with uvloop's loop (which drives tasks from C, as under uvicorn) and
+on trio (anyio's pytest plugin); native asyncio tests use pytest-asyncio and
 native trio tests call ``trio.run`` themselves.
 """
 
@@ -16,9 +17,19 @@ import memlimits_async as ml
 DEFAULT_INTERVAL = "64 KiB"
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+try:
+    import uvloop  # noqa: F401
+
+    UVLOOP: list[object] = [
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")
+    ]
+except ImportError:  # not in the test extra for this platform
+    UVLOOP = []
+
+
+@pytest.fixture(params=["asyncio", *UVLOOP, "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    return request.param
 
 
 @pytest.fixture
