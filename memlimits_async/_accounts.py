@@ -114,12 +114,12 @@ them).
 allocation sampled here, and in tasks and threads that copy this context, is
 charged to it and to its ancestors; ``listener._on_breach()`` (unless
 ``listener`` is None) is called by the delivery layer soon after the account
-passes a limit.  ``account.leave()``, where it is current, undoes that and
-closes the account: it keeps counting the blocks charged to it until they
-are freed, and never breaches again; it
-returns the breach record (as ``account.breach()``) and keeps the usage of
-that moment for ``account.usage_at_leave()``.
-Only what runs between the two is charged, so callers enter last and leave
+passes a limit.  ``account.leave()``, in the context of its ``enter()`` (not
+a copy of it) where it is current, undoes that and closes the account: it
+keeps counting the blocks charged to it until they are freed, and never
+breaches again; it returns the breach record (as ``account.breach()``) and
+keeps the usage of that moment for ``account.usage_at_leave()``.  Only what
+runs between the two is charged, so callers enter last and leave
 first."""
 
 

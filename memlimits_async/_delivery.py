@@ -50,7 +50,11 @@ __all__ = [
 ]
 
 _thread: threading.Thread | None = None
-_thread_lock = threading.Lock()
+# Claimed, never waited for, by the one caller that starts the thread: a
+# non-blocking acquire is an atomic test-and-set.  A lock waited for here
+# would deadlock a pending call or signal handler that interrupts its holder
+# and comes back (a breach drained during the start arms a timer).
+_start_claim = threading.Lock()
 
 TICK = 0.25  # seconds between ticks of the delivery thread (see _core.tick)
 RETRY_PERIOD = 0.002  # seconds between two attempts of a deferred delivery
@@ -243,10 +247,12 @@ def on_tick(callback: Callable[[], object]) -> None:
 def call_later(delay: float, callback: Callable[[], object]) -> None:
     """Run ``callback()`` in the delivery thread in ``delay`` seconds.
 
-    Safe from any thread and from a signal handler.  The callback must be
-    quick: it delays every breach delivered after it.
+    Safe from any thread and from a signal handler or pending call, so it
+    never starts the thread (that takes threading's own locks and waits for
+    the new thread): the scope the callback is for started it on entry,
+    and a callback added before it runs waits for it.  The callback must
+    be quick: it delays every breach delivered after it.
     """
-    start_delivery()
     _timer_inbox.append((time.monotonic() + delay, callback))
     _core.wake_delivery_thread()  # it may be in a longer wait
 
@@ -288,11 +294,20 @@ def _delivery_thread_main() -> None:
 
 
 def start_delivery() -> None:
+    """Start the delivery thread unless it runs or is being started.
+
+    Ordinary code only (a scope's entry), never a pending call or a signal
+    handler: starting a thread takes threading's locks, which the
+    interrupted code may hold.  It never waits, so one that interrupts a
+    start in progress returns at once and the start goes on."""
     global _thread
-    with _thread_lock:
+    if _thread is not None or not _start_claim.acquire(blocking=False):
+        return
+    try:
         # No thread can start once the interpreter is finalizing (a scope
         # in a __del__ run at exit): 3.12+ raise, 3.11 waits forever.
-        if _thread is not None or sys.is_finalizing():
+        if sys.is_finalizing():
+            _start_claim.release()
             return
         _core.set_breach_handler(_drain)
         thread = threading.Thread(
@@ -301,17 +316,29 @@ def start_delivery() -> None:
             daemon=True,
         )
         thread.start()
-        _thread = thread
+    except BaseException:
+        _start_claim.release()  # the next scope entry tries again
+        raise
+    _thread = thread
 
 
-def _forget_thread_after_fork() -> None:
-    # Only the forking thread survives a fork: the next loop seen in the
-    # child starts a new delivery thread.
-    global _thread, _thread_lock, _last_asyncio_handle, _last_trio_handle
+def _restart_after_fork() -> None:
+    # Only the forking thread survives a fork.  Its open scopes go on in
+    # the child, and may breach there: if the parent had a delivery thread
+    # (so they may wait for breaches), the child starts its own at once,
+    # here in ordinary code, since the timers their breaches arm come from
+    # pending calls, which must not start it.  Otherwise the next scope
+    # entry starts it.  (Nothing runs the bodies of the other threads'
+    # scopes in the child: their accounts are charged only by contexts
+    # copied from them.)
+    global _thread, _start_claim, _last_asyncio_handle, _last_trio_handle
+    parent_had_thread = _thread is not None
     _thread = None
-    _thread_lock = threading.Lock()
+    _start_claim = threading.Lock()
     _timer_inbox.clear()
     _last_asyncio_handle = _last_trio_handle = None
+    if parent_had_thread and _core.current_account.get() is not None:
+        start_delivery()
 
 
-os.register_at_fork(after_in_child=_forget_thread_after_fork)
+os.register_at_fork(after_in_child=_restart_after_fork)

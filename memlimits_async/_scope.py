@@ -115,6 +115,8 @@ class LimitScope:
 
     Create it with ``limit_scope(...)`` (the same class) and use it once, as
     ``async with`` or ``with``, in the task (or thread) that runs the work.
+    Only that task or thread may exit it (elsewhere, also in a task started
+    inside it, ``RuntimeError``).
 
     :param memory: live bytes the scope's tasks may hold (int, or a string
         such as ``"50 MiB"``); passing it cancels the scope (``MEMORY``).

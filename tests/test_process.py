@@ -125,3 +125,94 @@ def test_sync_scope_breach_is_not_queued_for_delivery() -> None:
     result = run_python("-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# Every child arms an alarm, so that one that hangs dies, with a traceback,
+# and the parent sees it (a guard, not a timing assertion); the parent stops
+# at the first one.  (A child cannot rearm dump_traceback_later: cancelling
+# the parent's waits for a watchdog thread that the fork did not copy.)
+FORK_INSIDE_A_BREACHING_SCOPE = """
+import asyncio, faulthandler, os, signal
+import memlimits_async as ml
+
+faulthandler.dump_traceback_later(240, exit=True)
+faulthandler.register(signal.SIGALRM, chain=True)
+ml.configure(sampling_interval=1)
+
+async def in_a_task():
+    async with ml.limit_scope(allocations=7000) as scope:
+        held = [bytes(100) for _ in range(80)]
+    return scope
+
+def child(outer):
+    signal.alarm(60)
+    try:
+        for _ in range(10):
+            # the first entry starts the delivery thread, unless the fork did
+            with ml.limit_scope(allocations=7000):
+                held = [bytes(100) for _ in range(10)]
+        inner = asyncio.run(in_a_task())
+        ok = outer.breached and inner.breached
+    except ml.Preempted:  # the inherited scope's grace ran out: also fine
+        ok = outer.breached
+    os._exit(0 if ok else 3)
+
+asyncio.run(in_a_task())  # imports anyio's backend here, once
+failed = []
+# Each limit moves the moment the inherited scope breaches in the child
+# across everything the child runs: the fork handler, a first scope entry
+# starting the delivery thread, later entries and exits, an event loop.
+for extra in range(0, 200 * 37, 37):
+    with ml.limit_scope(allocations=7000 + extra) as outer:
+        pid = os.fork()
+        if pid == 0:
+            child(outer)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if status != 0:
+        failed.append((7000 + extra, status))
+        break
+print(failed or "ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_child_never_hangs_when_an_inherited_scope_breaches() -> None:
+    # A breach of a scope open at the fork, drained by a pending call while
+    # the child was starting its delivery thread under a lock, armed a
+    # timer that started it again: the pending call waited for that lock
+    # for ever (status -14, SIGALRM, at about a quarter of the limits).
+    result = run_python(
+        "-W", "ignore::DeprecationWarning", "-c", FORK_INSIDE_A_BREACHING_SCOPE
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_inherited_scope_preempts_the_child() -> None:
+    # The forking thread's open scopes go on in the child: one breached
+    # there by code that never reaches a checkpoint is preempted, with no
+    # other scope entered in the child to start its delivery thread.
+    code = dedent(
+        """
+        import os, signal
+        import memlimits_async as ml
+
+        with ml.limit_scope(allocations="1 MiB") as outer:
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(60)  # a child never preempted dies of it
+                try:
+                    while True:
+                        block = bytes(1000)
+                except ml.Preempted:
+                    os._exit(0 if outer.breached else 3)
+            status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        assert status == 0, status
+        assert not outer.breached  # the child's allocations are its own
+        print("ok")
+        """
+    )
+    result = run_python("-W", "ignore::DeprecationWarning", "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

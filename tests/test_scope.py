@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import threading
 
 import anyio
 import pytest
@@ -434,6 +435,66 @@ def test_leaving_in_another_context_is_refused() -> None:
         contextvars.Context().run(scope.__exit__, None, None, None)
     scope.__exit__(None, None, None)  # in its own context it still can
     assert current_account.get(None) is None
+
+
+@pytest.mark.anyio
+async def test_exit_from_another_task_is_refused_and_the_owner_can_exit(
+    exact_accounting: None,
+) -> None:
+    """A task started inside the scope copies the context that holds its
+    account, so the account is current there too: exiting from that task
+    must still be refused, before anything changes, and leave the scope to
+    the task that entered it."""
+    before = current_account.get(None)
+    scope = ml.limit_scope(memory="1 GiB")
+    await scope.__aenter__()
+    inside = current_account.get()
+    refused: list[BaseException] = []
+
+    async def exit_it() -> None:
+        assert current_account.get() is inside  # the copied context
+        try:
+            await scope.__aexit__(None, None, None)
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(exit_it)
+    assert len(refused) == 1
+    assert "another task, thread or context" in str(refused[0])
+    assert current_account.get() is inside
+    assert "active" in repr(scope)
+    block = bytes(100_000)
+    assert scope.usage.live >= 100_000  # still metering for its owner
+    await scope.__aexit__(None, None, None)
+    assert current_account.get(None) is before
+    assert not scope.breached
+    del block
+
+
+def test_sync_exit_from_another_thread_is_refused() -> None:
+    scope = ml.limit_scope(memory="1 GiB")
+    scope.__enter__()
+    refused: list[BaseException] = []
+
+    def exit_it() -> None:
+        try:
+            scope.__exit__(None, None, None)
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    # A thread running in a copy of this context, as anyio's workers do.
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(exit_it,))
+    thread.start()
+    thread.join()
+    assert len(refused) == 1
+    assert "another task, thread or context" in str(refused[0])
+    # nor in a copy of the context in this very thread
+    with pytest.raises(RuntimeError, match="another task, thread or context"):
+        contextvars.copy_context().run(scope.__exit__, None, None, None)
+    scope.__exit__(None, None, None)
+    assert current_account.get(None) is None
+    assert scope.usage.allocated >= 0 and not scope.breached
 
 
 def test_repr_mentions_limits_and_state() -> None:

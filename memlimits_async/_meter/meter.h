@@ -262,7 +262,16 @@ typedef struct {
                              unset), restored by leave() */
     PyObject *listener;   /* while entered with one: the object whose
                              _on_breach() the delivery layer calls */
-    int64_t left_usage[3];  /* allocated, live, peak_live at leave() */
+    /* Never both needed, so they share the place (the object stays in its
+     * 80-byte size class). */
+    union {
+        /* Between enter() and leave(): the context enter() ran in, whose
+         * identity only leave() compares (never dereferenced: it may be
+         * gone).  A task or thread started inside the scope runs in a copy
+         * of it, where this account is current too. */
+        void *entered_in;
+        int64_t left_usage[3];  /* allocated, live, peak_live at leave() */
+    };
 } AccountObject;
 
 #endif /* MEMLIMITS_METER_H */

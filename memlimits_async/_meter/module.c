@@ -185,6 +185,7 @@ Account_enter(AccountObject *self, PyObject *const *args, Py_ssize_t nargs)
     /* The reference Get returned; None for unset, since NULL means "not
      * entered" (leave() sets None back: the same to every reader). */
     self->previous = previous != NULL ? previous : Py_NewRef(Py_None);
+    self->entered_in = PyThreadState_Get()->context;  /* Set made it */
     if (listener != Py_None) {
         /* The object itself, not a bound method of it: 64 bytes less for
          * each idle scope. */
@@ -212,6 +213,13 @@ Account_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
                             "account entered since was left");
             return NULL;  /* the account stays entered */
         }
+        if (PyThreadState_Get()->context != self->entered_in) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "this account was entered in another task, thread "
+                            "or context, a copy of whose context runs here: "
+                            "leave() must run in the context of its enter()");
+            return NULL;  /* the account stays entered */
+        }
         meter_tls.depth++;
         PyObject *token = PyContextVar_Set(current_account_var, self->previous);
         Py_XDECREF(token);
@@ -234,6 +242,9 @@ Account_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Account_usage_at_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
 {
+    if (self->previous != NULL) {  /* entered: the place holds entered_in */
+        return Py_BuildValue("(iii)", 0, 0, 0);
+    }
     return Py_BuildValue("(LLL)", (long long)self->left_usage[0],
                          (long long)self->left_usage[1],
                          (long long)self->left_usage[2]);
@@ -322,7 +333,8 @@ static PyMethodDef Account_methods[] = {
      "listener._on_breach() is called (by the delivery layer) if it\n"
      "breaches before leave()."},
     {"leave", (PyCFunction)Account_leave, METH_NOARGS,
-     "leave() -> breach(): undo enter() (where it is current) and close the\n"
+     "leave() -> breach(): undo enter() (in its context, not a copy, where\n"
+     "it is current) and close the\n"
      "account:\n"
      "it keeps counting the blocks charged to it, and never breaches again.\n"
      "Its usage at this moment stays available from usage_at_leave()."},
