@@ -62,6 +62,7 @@ import functools
 import heapq
 import inspect
 import math
+import os
 import sys
 import threading
 import time
@@ -684,3 +685,18 @@ def _learn_drivers() -> None:
 
         _driver_codes.add(trio_run.unrolled_run.__code__)
         _drivers_known.add("trio")
+
+
+def _reset_after_fork() -> None:
+    # The poll and the deadline timers lived in the parent's delivery
+    # thread, which the child has not: poll again if requests came along,
+    # and let the next watched deadline schedule its scan.
+    global _poll_scheduled, _next_scan
+    _poll_scheduled = False
+    _next_scan = math.inf
+    _steps.clear()
+    if _requests:
+        _start_polling()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -552,6 +552,10 @@ class LimitScope:
 
     def _timeout_breach(self, elapsed: float) -> Breach:
         assert self._timeout is not None
+        # The loop fired the deadline by its own clock, which may tick
+        # coarser than the one read here (uvloop's: milliseconds, cached
+        # once per iteration): at least the timeout has elapsed.
+        elapsed = max(elapsed, self._timeout)
         return Breach(
             BreachKind.TIMEOUT,
             self._timeout,
