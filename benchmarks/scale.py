@@ -284,10 +284,10 @@ async def _run(scenario: str, variant: str, n: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(c.body()) for _ in range(n)]
         await c.wait_parked(n)
+        out["parked_s"] = time.perf_counter() - t0
         gc.collect()
         cpu0 = time.process_time()
         start = time.perf_counter()
-        out["parked_s"] = start - t0
         c.cancel(tasks)
     else:
         timeout, sleep = TIMEOUTS[scenario]
