@@ -12,6 +12,9 @@
   per idle scope;
 * ``many_tasks.py``: 100,000 concurrent tasks with and without a scope each
   (time and peak RSS);
+* ``scale.py``: up to 100,000 scoped tasks whose timeouts fire or not, a
+  stalled loop and one token for many scopes, next to ``anyio.move_on_after``
+  and ``asyncio.timeout``, on asyncio's loop and uvloop;
 * ``accuracy.py --intervals-only``: the meter's estimates against exact
   accounting at several sampling intervals.
 
@@ -52,9 +55,10 @@ BENCHMARKS = (
     "latency.py",
     "groups.py",
     "many_tasks.py",
+    "scale.py",
     "accuracy.py",
 )
-VERSIONS_OF = ("anyio", "trio", "numpy", "scipy", "memray")
+VERSIONS_OF = ("anyio", "trio", "uvloop", "numpy", "scipy", "memray")
 
 _INTERPRETER_PROBE = f"""
 import json, platform, sys, sysconfig
@@ -514,6 +518,113 @@ def _many_tasks_section(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _scale_breaches(row: dict[str, Any]) -> str:
+    if row["time"] is None:
+        return "-"
+    return (
+        ", ".join(
+            f"{k} {lo:,}" if lo == hi else f"{k} {lo:,}-{hi:,}"
+            for k, (lo, hi) in row["breaches"].items()
+        )
+        or "none"
+    )
+
+
+def _scale_ratio(row: dict[str, Any]) -> str:
+    if row["time"] is None:
+        return f"TIMED OUT ({row['timed_out']:g} s)"
+    return _spread(row["ratio"]) if row["ratio"] else "-"
+
+
+def _scale_section(runs: list[dict[str, Any]]) -> list[str]:
+    have = [r for r in runs if "scale" in r["figures"]]
+    if not have:
+        return []
+    first = have[0]["figures"]["scale"]["summary"]
+    rows = []
+    for r in have:
+        fig = r["figures"]["scale"]["summary"]
+        for name, sc in fig["scenarios"].items():
+            for n_text, by_loop in sc["rows"].items():
+                for loop, row in by_loop.items():
+                    ref, ls = row["anyio"], row["limit_scope"]
+                    nop = row["limit_scope_no_preempt"]
+                    rows.append(
+                        [
+                            f"{fig['python']} {loop}",
+                            f"({name})",
+                            f"{int(n_text):,}",
+                            "TIMED OUT"
+                            if ref["time"] is None
+                            else f"{ref['time']['median']:.3f}",
+                            _scale_ratio(ls),
+                            _scale_ratio(nop),
+                            f"{_scale_breaches(ref)} / {_scale_breaches(ls)} / "
+                            f"{_scale_breaches(nop)}",
+                            _verdict(ls["verdict"]),
+                        ]
+                    )
+    lines = [
+        "### Many scoped tasks (`scale.py`)",
+        "",
+        "N asyncio tasks, each in `limit_scope` (default configuration, and "
+        "`preempt=False`), against the same tasks in `anyio.move_on_after` (and "
+        "`asyncio.timeout`, in the benchmark's own tables): (a) `timeout=5` "
+        "around `sleep(0.5)`, nothing fires, timed from the first spawn; (b) "
+        "`timeout=1` around `sleep(0.5)` with the loop stalled 1.5 s in "
+        "`time.sleep` once all are parked, timed from the stall's end; (c) "
+        "`timeout=0.2` around `sleep(10)`, all fire, timed from the first "
+        "spawn; (d) one `CancelToken` for all scopes around `sleep_forever()` "
+        "(anyio: a `CancelScope` each, cancelled in a loop), timed from the "
+        "cancellation.  Wall time until all are done; every run a fresh "
+        f"interpreter, killed after {first['run_timeout_s']:g} s.  Ratios to "
+        "anyio in the same round, median [min-max]; breaches: scopes that "
+        "ended breached, by kind (anyio: `cancelled_caught`).  The target, for "
+        "the default configuration: (a) and (b) within 1.3x with no breach "
+        "anyio lacks, every scope of (c) and (d) breached, and O(N) (the ratio "
+        "at the largest N at most 1.5x the ratio at the smallest).",
+        "",
+        *_table(
+            [
+                "Python, loop",
+                "scenario",
+                "N",
+                "anyio s",
+                "`limit_scope` ratio",
+                "`preempt=False` ratio",
+                "breaches: anyio / `limit_scope` / `preempt=False`",
+                "verdict",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    for r in have:
+        fig = r["figures"]["scale"]["summary"]
+        growth = [
+            f"({x['scenario']}) {x['loop']} "
+            + (
+                f"{x['growth']:.2f}"
+                if x["growth"] is not None
+                else f"TIMED OUT at N={x['timed_out_at']:,}"
+                if x["timed_out_at"] is not None
+                else "-"
+            )
+            for x in fig["scaling"]
+            if x["variant"] == "limit_scope"
+        ]
+        if growth:
+            lines.append(
+                f"O(N), {fig['python']}, `limit_scope` ratio at the largest N "
+                f"over the smallest: {', '.join(growth)}."
+            )
+    lines += [""] if len(lines) > 1 and lines[-1] else []
+    lines += _target_lines(
+        have, lambda f: f["scale"]["summary"]["target"], "Target (default config)"
+    )
+    return lines
+
+
 def _latency_section(runs: list[dict[str, Any]]) -> list[str]:
     have = [r for r in runs if "latency" in r["figures"]]
     if not have:
@@ -653,6 +764,7 @@ SECTIONS: tuple[Callable[[list[dict[str, Any]]], list[str]], ...] = (
     _scope_cost_section,
     _memory_section,
     _many_tasks_section,
+    _scale_section,
     _latency_section,
     _accuracy_section,
 )
