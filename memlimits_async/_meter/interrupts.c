@@ -33,12 +33,13 @@ static PyObject *interrupt_handler = NULL;
 static PyObject *never_here = NULL;
 static int interrupt_call_scheduled = 0;
 
-/* When the answer is "not here" (the running code is protected, or is not
- * the breached scope's), the call is made again at the next eval-breaker
- * check: protected code is mostly short calls, and the next check in the
- * scope's own code comes soon.  For at most RETRY_WINDOW_NS after each
- * request, so that long protected stretches are not slowed for long; after
- * that the Python layer asks again later (its retries back off). */
+/* When the handler answers "a preemption is due, but not here" (the running
+ * code is protected), the call is made again at every eval-breaker check:
+ * protected code is mostly short calls, and the next check in the scope's
+ * own code comes soon.  For at most RETRY_WINDOW_NS after that answer, so
+ * that long protected stretches are not slowed for long; after that the
+ * Python layer asks again at its next poll.  Nothing else opens the
+ * window: a poll that finds nothing due costs one call. */
 #define RETRY_WINDOW_NS 2000000LL
 static int64_t retry_until_ns = 0;
 
@@ -65,9 +66,14 @@ schedule_pending_call(void)
 static int
 retry_soon(void)
 {
-    if (now_ns() < retry_until_ns) {
-        /* From the main thread, which trips its own eval breaker. */
-        schedule_pending_call();
+    if (retry_until_ns != 0) {
+        if (now_ns() < retry_until_ns) {
+            /* From the main thread, which trips its own eval breaker. */
+            schedule_pending_call();
+        }
+        else {
+            retry_until_ns = 0;  /* closed: the next poll asks again */
+        }
     }
     return 0;
 }
@@ -108,11 +114,19 @@ interrupt_pending_call(void *unused)
     if (PyExceptionInstance_Check(result)) {
         PyErr_SetObject((PyObject *)Py_TYPE(result), result);
         Py_DECREF(result);
+        retry_until_ns = 0;
         return -1;  /* raised in the interrupted code */
     }
     int again = result == Py_True;
     Py_DECREF(result);
-    return again ? retry_soon() : 0;
+    if (!again) {
+        retry_until_ns = 0;
+        return 0;
+    }
+    if (retry_until_ns == 0) {
+        retry_until_ns = now_ns() + RETRY_WINDOW_NS;
+    }
+    return retry_soon();
 }
 
 PyObject *
@@ -136,7 +150,6 @@ interrupts_call_on_main_thread(PyObject *module, PyObject *Py_UNUSED(ignored))
      * From another thread, before 3.13, the main thread notices it at its
      * next GIL switch rather than at once (the eval breaker is computed for
      * the calling thread); the caller holding the GIL makes that soon. */
-    retry_until_ns = now_ns() + RETRY_WINDOW_NS;
     schedule_pending_call();
     return PyBool_FromLong(interrupt_call_scheduled);
 }
