@@ -240,7 +240,9 @@ class PreemptRequest:
 # (single dict operations, atomic under the GIL).
 _requests: dict[Account, PreemptRequest] = {}
 # Threads where a waiting scope was entered: where its code runs, besides
-# run_sync workers (``_workers``).  Emptied when no request waits.
+# run_sync workers (``_workers``).  Only added to while requests come and
+# go (a thread without a request costs a poll a lookup); threads that have
+# ended are dropped when no request waits.
 _polled_threads: set[int] = set()
 
 _poll_scheduled = False
@@ -267,7 +269,7 @@ def _poll() -> None:
         # between either saw the flag cleared (and scheduled a poll) or is
         # seen here.
         _poll_scheduled = False
-        _polled_threads.clear()
+        _polled_threads.intersection_update(sys._current_frames())
         if not _requests:
             return
         _poll_scheduled = True
