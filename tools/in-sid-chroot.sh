@@ -9,9 +9,9 @@
 # in a private mount namespace (so every mount goes away with the command and
 # none is left behind to trip a later `rm -rf` of the chroot), it binds
 # /proc, /dev and /sys, this checkout at the same path (so relative and
-# absolute paths under it mean the same inside and out), and the local
-# directories that the host's pip configuration points at (find-links,
-# file:// indexes), read-only.  Before each run it copies the host's CA
+# absolute paths under it mean the same inside and out; a git worktree's
+# repository too, wherever it is), and the local directories that the host's
+# pip configuration points at (find-links, file:// indexes), read-only.  Before each run it copies the host's CA
 # bundle, pip configuration, resolv.conf and hosts in, so that pip and apt
 # inside reach what they reach outside; PIP_* variables pass through.  The
 # command runs as root in the current directory if that is under the
@@ -41,6 +41,11 @@ if [ "${1:-}" = --inside-namespace ]; then
     mount --rbind /sys "$root/sys"
     mkdir -p "$root$repo"
     mount --bind "$repo" "$root$repo"
+    if [ -n "${MEMLIMITS_SID_CHROOT_GIT:-}" ]; then
+        mkdir -p "$root$MEMLIMITS_SID_CHROOT_GIT"
+        mount --bind "$MEMLIMITS_SID_CHROOT_GIT" "$root$MEMLIMITS_SID_CHROOT_GIT"
+    fi
+    unset MEMLIMITS_SID_CHROOT_GIT
     while IFS= read -r dir; do
         [ -n "$dir" ] || continue
         mkdir -p "$root$dir"
@@ -129,5 +134,12 @@ binds=$(
         done
 )
 export MEMLIMITS_SID_CHROOT_BINDS=$binds
+# A git worktree's repository lies outside it: bind that too, so that git
+# (tools/check-native.sh lists the working tree with it) works inside.
+git_dir=$(git -C "$repo" rev-parse --path-format=absolute --git-common-dir 2>/dev/null || true)
+case $git_dir in
+    "" | "$repo"/*) git_dir="" ;;
+esac
+export MEMLIMITS_SID_CHROOT_GIT=$git_dir
 export MEMLIMITS_SID_CHROOT=$root
 exec unshare --mount --propagation private -- "$0" --inside-namespace "$@"

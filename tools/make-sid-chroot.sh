@@ -2,8 +2,8 @@
 # Make (once) a Debian sid chroot with the Pythons that Debian sid carries and
 # the host may not: python3.14 and python3.15, each with -dev and -venv (and
 # the -dbg build when sid has one), gcc and libc6-dev, so that the extension
-# builds and the test suite runs there.  tools/in-sid-chroot.sh runs a
-# command inside it.
+# builds and the test suite runs there, and git for tools/check-native.sh.
+# tools/in-sid-chroot.sh runs a command inside it.
 #
 #   tools/make-sid-chroot.sh
 #
@@ -29,12 +29,13 @@ mirror=${MEMLIMITS_SID_MIRROR:-http://deb.debian.org/debian}
 export MEMLIMITS_SID_CHROOT=$root
 
 # Required packages; the optional ones are installed when sid has them.
+# git: tools/check-native.sh copies the working tree by asking git for it.
 required=(python3.14 python3.14-dev python3.14-venv
-    python3.15 python3.15-dev python3.15-venv gcc libc6-dev)
+    python3.15 python3.15-dev python3.15-venv gcc libc6-dev git)
 optional=(python3.14-dbg python3.15-dbg python3.14-nogil python3.15-nogil)
 # Changing either list changes the recipe, and the next run installs the
 # difference into the existing chroot.
-recipe="recipe 1: ${required[*]} | optional: ${optional[*]}"
+recipe="recipe 2: ${required[*]} | optional: ${optional[*]}"
 stamp=$root/.memlimits-sid-chroot.stamp
 bootstrapped=$root/.memlimits-debootstrap.done
 
