@@ -85,6 +85,11 @@ fi
 copy_in() {
     local src=$1
     [ -e "$src" ] || return 0
+    # Unchanged: leave it, so that a command running in the chroot meanwhile
+    # never finds it half copied.
+    if diff -r -q "$src" "$root$src" >/dev/null 2>&1; then
+        return 0
+    fi
     mkdir -p "$root$(dirname "$src")"
     rm -rf "${root:?}$src"
     cp -rL "$src" "$root$src" 2>/dev/null || cp -r "$src" "$root$src"
