@@ -56,7 +56,12 @@ static uint64_t stat_reinstalls = 0;
 static inline int
 holds_main_gil(void)
 {
+#if PY_VERSION_HEX >= 0x030D0000
+    /* Public from 3.13; the underscored name is deprecated from 3.14. */
+    PyThreadState *ts = PyThreadState_GetUnchecked();
+#else
     PyThreadState *ts = _PyThreadState_UncheckedGet();
+#endif
 #if PY_VERSION_HEX < 0x030C0000
     if (ts != PyGILState_GetThisThreadState()) {
         return 0;

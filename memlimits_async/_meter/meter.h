@@ -19,7 +19,7 @@
  * called without the GIL, leaves shared state alone.
  * The only state touched without that guarantee is thread-local (the
  * sampler's countdown) or read-only (the filter bytes, which are never
- * freed).  The free-threaded build is refused at import.
+ * freed).  The free-threaded build is refused at build time (below).
  *
  * Hook invariant: no hook runs Python code, sets an exception, takes the GIL,
  * or allocates through a Python allocator domain.  The only allocations in a
