@@ -634,12 +634,21 @@ def _handled_like_its_neighbour(frame: FrameType) -> bool:
     3.11-3.13 check for interrupts at a loop's back edge, and the jump
     back can lie just past the end of the handler range of the ``try`` or
     ``with`` around the loop (cpython#108214, #130279): an exception raised
-    there skips the ``finally`` or ``__exit__``.  The next check inside the
-    loop body is a safe place; a loop without calls has none (see
+    there skips the ``finally`` or ``__exit__``.  3.14 leaves more of a
+    loop's tail out of the range (a body ending in an ``if``: the
+    conditional jump, its ``NOT_TAKEN`` and the jump back), so the
+    instruction before the jump is no witness there: a jump back must also
+    have the handler of the loop head it jumps to.  The next check inside
+    the loop body is a safe place; a loop without calls has none (see
     docs/preemption.md)."""
     lasti = frame.f_lasti
     code = frame.f_code
     raw = code.co_code
+    ranges = _handler_ranges(code)
+    here = _handler_at(ranges, lasti)
+    target = _back_edges(code).get(lasti)
+    if target is not None and _handler_at(ranges, target) != here:
+        return False
     previous = lasti - 2
     while previous > 0 and raw[previous] == _EXTENDED_ARG:
         previous -= 2  # the prefix of this very instruction
@@ -647,8 +656,18 @@ def _handled_like_its_neighbour(frame: FrameType) -> bool:
         previous -= 2  # the inline cache of the one before
     if previous < 0:
         return True
-    ranges = _handler_ranges(code)
-    return _handler_at(ranges, lasti) == _handler_at(ranges, previous)
+    return here == _handler_at(ranges, previous)
+
+
+@functools.lru_cache(maxsize=4096)
+def _back_edges(code: CodeType) -> dict[int, int]:
+    """The offsets of the backward jumps of ``code``, with their targets."""
+    return {
+        instruction.offset: instruction.argval
+        for instruction in dis.get_instructions(code)
+        if instruction.opname.startswith("JUMP_BACKWARD")
+        and isinstance(instruction.argval, int)
+    }
 
 
 @functools.lru_cache(maxsize=4096)
