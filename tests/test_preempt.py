@@ -3,6 +3,7 @@ never in protected code, on asyncio, trio, in threads and in run_sync."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import queue
 import random
@@ -406,6 +407,24 @@ def test_never_lands_in_framework_code() -> None:
 
     for frames in _run_until_preempted(body, repeats=40):
         assert frames[-1] == "body", frames  # raised in the user's frame
+
+
+class _Checked(abc.ABC):
+    @abc.abstractmethod
+    def check(self) -> None: ...
+
+
+def test_never_lands_in_an_abc_check() -> None:
+    # trio's Cancelled has an ABCMeta metaclass: when trio throws it into a
+    # task, the interpreter checks it with abc's Python code, called from the
+    # task's frame without the task calling it.  Landing there replaced the
+    # Cancelled (seen on a busy machine by the interrupt fuzz test).
+    def body() -> None:
+        while True:
+            issubclass(int, _Checked)
+
+    for frames in _run_until_preempted(body):
+        assert frames[-1] == "body", frames
 
 
 def _breached_inside_region_is_delivered_after_it() -> None:
