@@ -506,12 +506,22 @@ async def test_run_sync_work_finishes_when_threads_are_not_preemptible() -> None
 @pytest.mark.anyio
 async def test_run_sync_blocked_in_c_is_abandoned_on_request() -> None:
     token = ml.CancelToken()
+    release = threading.Event()
+    returned: list[bool] = []
+
+    def blocked() -> None:
+        release.wait(RUN_FOR)  # blocked in C until the test lets it go
+        returned.append(True)
+
     cancel_later(token, 0.01)
-    started = time.monotonic()
-    async with ml.limit_scope(token=token) as scope:
-        await ml.run_sync(time.sleep, 0.5, abandon_on_cancel=True)
-    assert scope.breached
-    assert time.monotonic() - started < 0.5  # did not wait for the sleep
+    try:
+        # Not preempted: only abandoning it can end the scope before the call.
+        async with ml.limit_scope(token=token, preempt=False) as scope:
+            await ml.run_sync(blocked, abandon_on_cancel=True)
+        assert scope.breached
+        assert not returned  # the scope did not wait for the blocked call
+    finally:
+        release.set()
 
 
 @pytest.mark.anyio
