@@ -15,15 +15,16 @@ stuck for ``WATCHDOG`` seconds, and ``run_python`` has its own timeout behind
 that.
 
 The signals adapt to the speed the machine achieves instead of assuming
-one: each handler run arms a one-shot SIGALRM ``GAP`` after its own end, so
-the main code always gets ``GAP`` of the clock between two runs, and thousands
-of runs land in the middle of token operations however slow or busy the
-machine.  A timer firing at a fixed rate does not: on a loaded machine a run
-that is descheduled for a few milliseconds has the next signal waiting when
-it resumes, the nested run can be descheduled in turn, and the runs pile up
-until ``RecursionError``.  Every ``NEST_EVERY``-th outermost run also arms a
-signal at its start, ``NEST_DELAY`` later, so that runs inside another run
-(of a bounded depth) happen on any machine too.
+one: the outermost handler run arms a one-shot SIGALRM ``GAP`` after its own
+end, so the main code gets ``GAP`` of the clock between two runs, and
+thousands of runs land in the middle of token operations however slow or
+busy the machine.  A timer firing at a fixed rate does not: on a loaded
+machine a run that is descheduled for a few milliseconds has the next
+signal waiting when it resumes, the nested run can be descheduled in turn,
+and the runs pile up until ``RecursionError`` (measured: 545 deep).  Every
+``NEST_EVERY``-th outermost run also arms a signal ``NEST_DELAY`` after its
+start, so that runs inside another run happen on any machine too; a nested
+run arms nothing, and one deeper than ``MAX_DEPTH`` does nothing.
 
 The child checks the invariants of every token as it goes and prints its
 counters as JSON; the parent asserts exit status 0, the counters, and that
@@ -51,6 +52,7 @@ GAP = 50e-6  # seconds from the end of a handler run to the next SIGALRM
 NEST_EVERY = 8  # every this many outermost runs arm a signal at their start,
 NEST_DELAY = 1e-6  # this many seconds later: mostly inside the run itself
 BACKSTOP = 0.01  # seconds between SIGALRMs while no handler run re-arms them
+MAX_DEPTH = 8  # a run nested deeper does nothing
 MIN_SIGNALS = 2000  # handler runs that each case needs before it stops
 
 COMMON = """
@@ -94,20 +96,25 @@ def signals_run():
 def start_signals(work):
     def handler(signum, frame):
         depth[0] += 1
-        if depth[0] > 1:
-            nested.append(None)
-            deepest[0] = max(deepest[0], depth[0])
-        elif next(outermost) % params["nest_every"] == 0:
-            arm(params["nest_delay"])
         try:
+            if depth[0] > 1:
+                nested.append(None)
+                deepest[0] = max(deepest[0], depth[0])
+                if depth[0] > params["max_depth"]:
+                    return  # never a pile-up, whatever the machine does
+            elif next(outermost) % params["nest_every"] == 0:
+                arm(params["nest_delay"])
             work(signum, frame)
         finally:
-            depth[0] -= 1
-            # From the end of the run: the next signal cannot arrive before
-            # the main code has had its gap, however long this run took
-            # (descheduled, collecting garbage).
-            if signalling[0]:
+            # Only the outermost run arms the next signal, from its end and
+            # before it counts itself out: a signal that fires before the
+            # run has returned (a gap shorter than the return, a run
+            # descheduled there) starts a nested run that arms nothing, so
+            # the runs cannot pile up one inside the other, and the main
+            # code gets its gap however long this run took.
+            if depth[0] == 1 and signalling[0]:
                 arm(params["gap"])
+            depth[0] -= 1
 
     signalling[0] = True
     signal.signal(signal.SIGALRM, handler)
@@ -360,6 +367,7 @@ def _run(code: str, **params: Any) -> dict[str, Any]:
         "nest_every": NEST_EVERY,
         "nest_delay": NEST_DELAY,
         "backstop": BACKSTOP,
+        "max_depth": MAX_DEPTH,
         "min_signals": MIN_SIGNALS,
         **params,
     }
