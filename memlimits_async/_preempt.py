@@ -122,12 +122,14 @@ _MAIN_THREAD: Final = threading.main_thread().ident
 
 # Code that must not be cut in half: the event loops and their primitives,
 # ours, and the runtime's own Python code that runs inside a body without the
-# body calling it (imports, warnings, weakref finalizers), or that keeps
-# shared state (queue, selectors).
+# body calling it (imports, warnings, weakref finalizers, the abc checks of
+# an exception thrown into a task: trio's Cancelled has an ABCMeta
+# metaclass), or that keeps shared state (queue, selectors).
 _FRAMEWORK_PACKAGES: Final = frozenset(
     {
         "_frozen_importlib",
         "_frozen_importlib_external",
+        "abc",
         "anyio",
         "asyncio",
         "concurrent",

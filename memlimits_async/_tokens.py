@@ -13,6 +13,11 @@ happen once is a single call of a built-in dict method, which the GIL makes
 atomic: ``setdefault`` picks the one winning cancellation, and ``pop`` hands
 each callback to exactly one caller (the winning ``cancel`` or an
 ``on_cancel`` that arrives late).
+
+A cancellation walks the tree of children with a list, not by recursion: it
+may run in a signal handler on top of a deep stack, and a line of children
+as deep as the recursion limit would otherwise raise ``RecursionError``
+half-way (left unraisable) and leave the deeper ones active.
 """
 
 from __future__ import annotations
@@ -58,12 +63,25 @@ class CancelToken:
             raise TypeError(
                 f"reason must be a str or None, not {type(reason).__name__}"
             )
-        me = object()
-        if self._state.setdefault(_CANCELLED, (me, reason))[0] is not me:
+        if not self._claim(reason):
             return False
-        for key in list(self._callbacks):
-            self._fire(key)
+        tokens = [self]
+        while tokens:
+            token = tokens.pop()
+            for key in list(token._callbacks):
+                callback = token._callbacks.pop(key, None)
+                if isinstance(callback, _ChildLink):
+                    child = callback.child()
+                    if child is not None and child._claim(token.reason):
+                        tokens.append(child)  # its callbacks run after these
+                elif callback is not None:
+                    token._call(callback)
         return True
+
+    def _claim(self, reason: str | None) -> bool:
+        """Mark the token cancelled; True for the one call that did it."""
+        me = object()
+        return self._state.setdefault(_CANCELLED, (me, reason))[0] is me
 
     @property
     def cancelled(self) -> bool:
@@ -97,14 +115,7 @@ class CancelToken:
         dropped unregisters itself.
         """
         child = CancelToken()
-        child_ref = weakref.ref(child)
-
-        def cancel_child(reason: str | None) -> None:
-            alive = child_ref()
-            if alive is not None:
-                alive.cancel(reason)
-
-        unregister = self.on_cancel(cancel_child)
+        unregister = self.on_cancel(_ChildLink(child))
         weakref.finalize(child, unregister)
         return child
 
@@ -128,8 +139,10 @@ class CancelToken:
 
     def _fire(self, key: int) -> None:
         callback = self._callbacks.pop(key, None)
-        if callback is None:
-            return
+        if callback is not None:
+            self._call(callback)
+
+    def _call(self, callback: Callable[[str | None], object]) -> None:
         try:
             callback(self.reason)
         except Exception as exc:
@@ -139,3 +152,20 @@ class CancelToken:
         if not self.cancelled:
             return "<CancelToken (active)>"
         return f"<CancelToken cancelled: {self.reason!r}>"
+
+
+class _ChildLink:
+    """A parent's callback that cancels a child, which :meth:`CancelToken.cancel`
+    recognises so as to go down the tree without recursion.  Holds the child
+    weakly: the parent keeps no dropped child alive."""
+
+    __slots__ = ("child",)
+
+    def __init__(self, child: CancelToken) -> None:
+        self.child = weakref.ref(child)
+
+    def __call__(self, reason: str | None) -> None:
+        # Run by an on_cancel() of an already cancelled parent: one level.
+        child = self.child()
+        if child is not None:
+            child.cancel(reason)

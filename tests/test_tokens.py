@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import sys
 import threading
 import time
 
@@ -94,6 +95,22 @@ def test_child_is_cancelled_with_its_parent_and_alone() -> None:
     assert other.cancelled and other.reason == "everything"
     assert lone.reason == "just this one"
     assert parent.child().cancelled  # a child of a cancelled token
+
+
+def test_a_deep_line_of_children_is_cancelled_without_recursion() -> None:
+    # cancel() may run in a signal handler on top of a deep stack: the
+    # depth of the token tree must not cost stack (it did: a line of a few
+    # hundred generations hit RecursionError, reported as unraisable, and
+    # left the deeper ones active).
+    root = ml.CancelToken()
+    line = [root]
+    for _ in range(5 * sys.getrecursionlimit()):
+        line.append(line[-1].child())
+    calls: list[str | None] = []
+    line[-1].on_cancel(calls.append)
+    assert root.cancel("all of them")
+    assert all(token.reason == "all of them" for token in line)
+    assert calls == ["all of them"]
 
 
 def test_dropped_children_unregister_themselves() -> None:
