@@ -144,6 +144,7 @@ _FRAMEWORK_PACKAGES: Final = frozenset(
         "trio",
         "warnings",
         "weakref",
+        "_weakrefset",
     }
 )
 _CACHE: Final = dis.opmap["CACHE"]
@@ -601,15 +602,19 @@ def _runtime_callback(frame: FrameType) -> bool:
     the weakref module, which is framework code, and the second outside any
     scope's body.)"""
     code = frame.f_code
-    if not 1 <= code.co_argcount <= 2:
+    if not 1 <= code.co_argcount <= 3:
         return False
     local_values = frame.f_locals
-    arguments = [
-        local_values.get(name) for name in code.co_varnames[: code.co_argcount]
-    ]
+    names = code.co_varnames[: code.co_argcount]
+    arguments = [local_values.get(name) for name in names]
+    if any(
+        isinstance(argument, weakref.ReferenceType) and argument() is None
+        for argument in arguments[:2]
+    ):
+        # A weakref callback, maybe a bound method's, maybe with defaults
+        # after the reference (``WeakSet``'s ``_remove(item, selfref=...)``).
+        return True
     last = arguments[-1]
-    if isinstance(last, weakref.ReferenceType) and last() is None:
-        return True  # a weakref callback, maybe a bound method's
     return (
         len(arguments) == 2
         and arguments[0] in ("start", "stop")

@@ -336,6 +336,14 @@ def test_never_lands_in_weakref_or_gc_callbacks() -> None:
         cut.pop()
         completed += 1
 
+    def callback_with_a_default(
+        ref: weakref.ref[Payload], seen: list[object] | None = None
+    ) -> None:
+        # A live object after the dead reference, as WeakSet's own _remove.
+        cut.append("weakref with a default")
+        spin(0.001)
+        cut.pop()
+
     def gc_callback(phase: str, info: dict[str, int]) -> None:
         cut.append("gc")
         spin(0.001)
@@ -348,19 +356,53 @@ def test_never_lands_in_weakref_or_gc_callbacks() -> None:
     sys.unraisablehook = hook
     gc.callbacks.append(gc_callback)
     try:
-        refs = []
+        refs: list[weakref.ref[Payload]] = []
+        members: weakref.WeakSet[Payload] = weakref.WeakSet()
         with ml.limit_scope(allocations="2 MiB", preempt=0) as scope:
             deadline = time.perf_counter() + RUN_FOR
             while time.perf_counter() < deadline:
                 payload = Payload()
                 refs.append(weakref.ref(payload, weakref_callback))
-                del payload  # the callback runs here, in the body
-                if len(refs) % 50 == 0:
+                refs.append(weakref.ref(payload, callback_with_a_default))
+                members.add(payload)  # WeakSet: its callback is framework code
+                del payload  # the callbacks run here, in the body
+                if len(refs) % 100 == 0:
                     gc.collect(0)
     finally:
         gc.callbacks.remove(gc_callback)
         sys.unraisablehook = previous_hook
     assert scope._preempted  # stopped, in the body's own code
     assert completed > 0
+    assert cut == []
+    assert unraisable == []
+
+
+def test_never_lands_in_a_weakref_callback_with_more_arguments() -> None:
+    # The dead reference first, then a live object (as WeakSet's _remove):
+    # still a callback the runtime made.
+    cut: list[str] = []
+    unraisable: list[BaseException | None] = []
+
+    def callback(ref: weakref.ref[Payload], seen: list[object] | None = None) -> None:
+        cut.append("callback")
+        spin(0.001)
+        cut.pop()
+
+    def hook(args: Any) -> None:
+        unraisable.append(args.exc_value)
+
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = hook
+    try:
+        refs: list[weakref.ref[Payload]] = []
+        with ml.limit_scope(allocations="2 MiB", preempt=0) as scope:
+            deadline = time.perf_counter() + RUN_FOR
+            while time.perf_counter() < deadline:
+                payload = Payload()
+                refs.append(weakref.ref(payload, callback))
+                del payload
+    finally:
+        sys.unraisablehook = previous_hook
+    assert scope._preempted
     assert cut == []
     assert unraisable == []
