@@ -106,10 +106,17 @@ def test_tracemalloc_started_at_startup_then_cycled() -> None:
         """
         assert tracemalloc.is_tracing()
         measured(1000)                          # ours wrap tracemalloc's
-        tracemalloc.stop()                      # ours are gone
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            measured(2000)                      # noticed, put back
+        # The delivery thread's upkeep notices lost hooks too: keep the GIL
+        # (no switch) until this thread has noticed, on a busy machine too.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1000)
+        try:
+            tracemalloc.stop()                  # ours are gone
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                measured(2000)                  # noticed, put back
+        finally:
+            sys.setswitchinterval(interval)
         assert [w.category for w in caught] == [RuntimeWarning], caught
         assert breaches()
         for round in range(5):
