@@ -311,13 +311,20 @@ class _Step:
     running step has ended.  The step counts as the same for as long as
     the same task runs and the marker has not run.  Code outside any task
     (a worker thread, a script) has no steps: it is one stretch.
+
+    A step has run for the grace when that much time has passed *and* its
+    thread has used half of it on a CPU: on a busy machine a short step
+    may be descheduled for longer than the grace, and was not computing.
+    Code blocked in C (a synchronous sleep or read in a task) uses no CPU:
+    it counts once four graces have passed.
     """
 
-    __slots__ = ("ended", "since", "task")
+    __slots__ = ("cpu_since", "ended", "since", "task")
 
-    def __init__(self, task: object | None, since: float) -> None:
+    def __init__(self, task: object | None, since: float, cpu_since: float) -> None:
         self.task = task
         self.since = since
+        self.cpu_since = cpu_since
         self.ended = False
 
     def end(self) -> None:
@@ -327,17 +334,35 @@ class _Step:
 _steps: dict[int, _Step] = {}  # by thread
 
 
-def _running_for(
-    thread_id: int, task: object | None, loop: LoopHandle | None, now: float
-) -> float:
-    """Seconds the code running in ``thread_id`` (in ``task``) has run
-    without a checkpoint, as far as seen."""
+def _ran_for(
+    thread_id: int,
+    task: object | None,
+    loop: LoopHandle | None,
+    now: float,
+    grace: float,
+) -> bool:
+    """True if the code running in ``thread_id`` (in ``task``) has run for
+    ``grace`` seconds without a checkpoint, as far as seen (``_Step``)."""
+    cpu_now = _thread_cpu_time(thread_id)
     step = _steps.get(thread_id)
     if step is None or step.ended or step.task is not task:
-        step = _steps[thread_id] = _Step(task, now)
+        step = _steps[thread_id] = _Step(task, now, cpu_now)
         if loop is not None:
             loop.call_soon_threadsafe(step.end)
-    return now - step.since
+    elapsed = now - step.since
+    return elapsed >= grace and (
+        cpu_now - step.cpu_since >= grace / 2 or elapsed >= 4 * grace
+    )
+
+
+def _thread_cpu_time(thread_id: int) -> float:
+    """CPU seconds used by a thread (this process's, alive)."""
+    if thread_id == threading.get_ident():
+        return time.thread_time()
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread_id))
+    except (OSError, AttributeError):  # gone, or no per-thread clocks here
+        return math.inf  # never holds a preemption back
 
 
 def _ripe(
@@ -350,8 +375,8 @@ def _ripe(
     """True once the grace has passed and the code running in ``task`` on
     ``loop`` (None: not a loop's task) has not reached a checkpoint for as
     long."""
-    running_for = _running_for(thread_id, task, loop, now)
-    return now >= request.due and (loop is None or running_for >= request.grace)
+    ran = _ran_for(thread_id, task, loop, now, request.grace)
+    return now >= request.due and (loop is None or ran)
 
 
 def _loop_and_task(
