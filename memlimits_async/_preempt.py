@@ -425,28 +425,28 @@ def _attempt_in_thread(thread_id: int) -> bool:
 
 # ---- timeouts: a deadline passed while the body was running ----
 #
-# Active scopes with a timeout, by id: (deadline, id, weak reference).  The
-# delivery thread keeps them in a heap of its own, fed through a deque
-# (appends are atomic: scopes are entered in any thread without a lock), and
-# pops those whose deadline has passed at every tick (0.25 s); a deadline
-# due before the next tick gets a timer of its own.  So a tick costs the
-# scopes that are due, not all that wait, and no timer outlives a tick.
-# Exited scopes leave their entry in the heap (finding it would cost a
-# search); the heap is rebuilt from the live entries when they are fewer
-# than half of it.
-_DeadlineEntry = tuple[float, int, "weakref.ref[LimitScope]"]
-_deadlines: dict[int, _DeadlineEntry] = {}
-_deadline_inbox: collections.deque[_DeadlineEntry] = collections.deque()
-_deadline_heap: list[_DeadlineEntry] = []  # the delivery thread's own
+# Active scopes with a timeout, by id, and their deadlines in a heap of
+# (deadline, id) that the delivery thread keeps for itself, fed through a
+# deque (appends are atomic: scopes are entered in any thread without a
+# lock).  At every tick (0.25 s) it pops the deadlines that have passed; a
+# deadline due before the next tick gets a timer of its own.  So a tick
+# costs the scopes that are due, not all that wait, and no timer outlives
+# a tick.  Exited scopes leave their pair in the heap (finding it would
+# cost a search); the heap is rebuilt from the live scopes when they are
+# fewer than half of it.  The pairs hold no object (the GC never looks at
+# them), and the scope is held by the dict only while it is active.
+_deadlines: dict[int, LimitScope] = {}
+_deadline_inbox: collections.deque[tuple[float, int]] = collections.deque()
+_deadline_heap: list[tuple[float, int]] = []  # the delivery thread's own
 _next_scan = math.inf
 
 
 def watch_deadline(scope: LimitScope, deadline: float) -> None:
     """Preempt ``scope``'s body if it still runs at ``deadline`` (monotonic)."""
     global _next_scan
-    entry = (deadline, id(scope), weakref.ref(scope))
-    _deadlines[id(scope)] = entry
-    _deadline_inbox.append(entry)
+    scope._watched_deadline = deadline
+    _deadlines[id(scope)] = scope
+    _deadline_inbox.append((deadline, id(scope)))
     delay = deadline - time.monotonic()
     if deadline < _next_scan and delay < TICK:
         _next_scan = deadline
@@ -465,15 +465,15 @@ def scan_deadlines() -> None:
         heapq.heappush(heap, _deadline_inbox.popleft())
     now = time.monotonic()
     while heap and heap[0][0] <= now:
-        entry = heapq.heappop(heap)
-        if _deadlines.get(entry[1]) is not entry:
+        deadline, key = heapq.heappop(heap)
+        scope = _deadlines.get(key)
+        if scope is None or scope._watched_deadline != deadline:
             continue  # exited, or another scope entered at the same id since
-        del _deadlines[entry[1]]
-        scope = entry[2]()
-        if scope is not None:
-            scope._deadline_passed()
+        _deadlines.pop(key, None)  # (the scope's own exit may race to it)
+        scope._deadline_passed()
     if len(heap) > 64 and len(_deadlines) < len(heap) // 2:
-        heap = _deadline_heap = [e for e in heap if _deadlines.get(e[1]) is e]
+        live = list(_deadlines.items())  # one C call: scopes come and go
+        heap = _deadline_heap = [(scope._watched_deadline, key) for key, scope in live]
         heapq.heapify(heap)
     earliest = heap[0][0] if heap else math.inf
     _next_scan = math.inf

@@ -172,6 +172,7 @@ class LimitScope:
     _preempt_request: PreemptRequest | None = None
     _preempt_breach: Breach | None = None  # what the preemption is for
     _preempted: int = 0  # times Preempted was raised in the body
+    _watched_deadline: float = math.inf  # monotonic, while _preempt watches it
     # Outside a task: the frames on the stack where it was entered (the
     # innermost of them still running is where its body runs).
     _entry_frames: tuple[FrameType, ...] = ()
