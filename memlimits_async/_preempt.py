@@ -73,7 +73,7 @@ from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from ._accounts import Account, current_account
-from ._delivery import TICK, LoopHandle, call_later, on_tick
+from ._delivery import TICK, LoopHandle, call_later, on_tick, report_unraisable
 from ._exceptions import Preempted
 from ._masking import is_protected_code as _is_marked
 from ._masking import region_account
@@ -273,20 +273,27 @@ def _poll() -> None:
         # seen here.
         _poll_scheduled = False
         _polled_threads.intersection_update(sys._current_frames())
+        _steps.clear()
         if not _requests:
             return
         _poll_scheduled = True
     fired = False
-    for thread_id in (*_polled_threads, *_workers):
-        if thread_id == _MAIN_THREAD:
-            # Decided and raised there, at its next eval-breaker check.
-            _core.call_on_main_thread()
-        elif THREADS_PREEMPTIBLE and thread_id != threading.get_ident():
-            fired = _attempt_in_thread(thread_id) or fired
-    # Quick while something may land, then backing off while nothing does:
-    # the main thread's own retries are quicker (interrupts.c).
-    _poll_period = RETRY_PERIOD if fired else min(_poll_period * 2, MAX_RETRY_PERIOD)
-    call_later(_poll_period, _poll)
+    try:
+        for thread_id in (*_polled_threads, *_workers):
+            if thread_id == _MAIN_THREAD:
+                # Decided and raised there, at its next eval-breaker check.
+                _core.call_on_main_thread()
+            elif THREADS_PREEMPTIBLE and thread_id != threading.get_ident():
+                fired = _attempt_in_thread(thread_id) or fired
+    finally:
+        # Whatever happened, the next poll comes: the flag says one will.
+        # Quick while something may land, then backing off while nothing
+        # does: the main thread's own retries are quicker (interrupts.c).
+        if fired:
+            _poll_period = RETRY_PERIOD
+        else:
+            _poll_period = min(_poll_period * 2, MAX_RETRY_PERIOD)
+        call_later(_poll_period, _poll)
 
 
 def _requests_around(account: Account | None) -> Iterator[PreemptRequest]:
@@ -321,8 +328,8 @@ class _Step:
 
     __slots__ = ("cpu_since", "ended", "since", "task")
 
-    def __init__(self, task: object | None, since: float, cpu_since: float) -> None:
-        self.task = task
+    def __init__(self, task: int, since: float, cpu_since: float) -> None:
+        self.task = task  # its id: holding the task would keep it alive
         self.since = since
         self.cpu_since = cpu_since
         self.ended = False
@@ -345,8 +352,8 @@ def _ran_for(
     ``grace`` seconds without a checkpoint, as far as seen (``_Step``)."""
     cpu_now = _thread_cpu_time(thread_id)
     step = _steps.get(thread_id)
-    if step is None or step.ended or step.task is not task:
-        step = _steps[thread_id] = _Step(task, now, cpu_now)
+    if step is None or step.ended or step.task != id(task):
+        step = _steps[thread_id] = _Step(id(task), now, cpu_now)
         if loop is not None:
             loop.call_soon_threadsafe(step.end)
     elapsed = now - step.since
@@ -460,6 +467,9 @@ def unwatch_deadline(scope: LimitScope) -> None:
 def scan_deadlines() -> None:
     """In the delivery thread: arm the scopes whose deadline has passed."""
     global _next_scan, _deadline_heap
+    # First, so that a deadline watched from now on schedules a scan of its
+    # own if it is due before the next tick, whatever happens below.
+    _next_scan = math.inf
     heap = _deadline_heap
     while _deadline_inbox:
         heapq.heappush(heap, _deadline_inbox.popleft())
@@ -470,14 +480,16 @@ def scan_deadlines() -> None:
         if scope is None or scope._watched_deadline != deadline:
             continue  # exited, or another scope entered at the same id since
         _deadlines.pop(key, None)  # (the scope's own exit may race to it)
-        scope._deadline_passed()
+        try:
+            scope._deadline_passed()
+        except Exception as exc:  # one scope's failure costs the others nothing
+            report_unraisable(exc, "Exception arming a timed-out scope", scope)
     if len(heap) > 64 and len(_deadlines) < len(heap) // 2:
         live = list(_deadlines.items())  # one C call: scopes come and go
         heap = _deadline_heap = [(scope._watched_deadline, key) for key, scope in live]
         heapq.heapify(heap)
     earliest = heap[0][0] if heap else math.inf
-    _next_scan = math.inf
-    if earliest - now < TICK:
+    if earliest - now < TICK and earliest < _next_scan:
         _next_scan = earliest
         call_later(max(earliest - now, 0.0), scan_deadlines)
 
@@ -629,21 +641,27 @@ def _runtime_callback(frame: FrameType) -> bool:
     code = frame.f_code
     if not 1 <= code.co_argcount <= 3:
         return False
+    # Only exact types, compared by identity: the arguments are the user's
+    # objects, whose __eq__ or __bool__ may do anything (a numpy array's
+    # raises).  Read only when a landing is being decided, in a body that is
+    # breached already: on 3.11 and 3.12 the snapshot of the locals that
+    # f_locals makes stays on the frame until it ends.
     local_values = frame.f_locals
     names = code.co_varnames[: code.co_argcount]
     arguments = [local_values.get(name) for name in names]
     if any(
-        isinstance(argument, weakref.ReferenceType) and argument() is None
+        type(argument) is weakref.ReferenceType and argument() is None
         for argument in arguments[:2]
     ):
         # A weakref callback, maybe a bound method's, maybe with defaults
         # after the reference (``WeakSet``'s ``_remove(item, selfref=...)``).
         return True
-    last = arguments[-1]
+    first, last = arguments[0], arguments[-1]
     return (
         len(arguments) == 2
-        and arguments[0] in ("start", "stop")
-        and isinstance(last, dict)
+        and type(first) is str
+        and first in ("start", "stop")
+        and type(last) is dict
         and "generation" in last
     )
 

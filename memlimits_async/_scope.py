@@ -25,6 +25,7 @@ and ``_delivery`` (how a breach reaches this task's loop).
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import threading
@@ -651,21 +652,34 @@ class LimitScope:
 
 
 def _frames_from(frame: FrameType | None) -> tuple[FrameType, ...]:
-    """``frame`` and every frame it was called from.
+    """The frame that entered the scope, and the wrappers' callers.
 
     The frame that calls ``__enter__`` is where the body runs only when
     the ``with`` names the scope itself.  Through a wrapper (an
     ``ExitStack``, a ``@contextmanager`` generator, a class whose
     ``__enter__`` enters the scope) the wrapper's frames return or suspend
-    before the body starts, and the body runs in a frame further out: the
-    innermost of these frames that is still running when the body is
-    interrupted.  (Holding them keeps a returned wrapper's frame alive until
-    the scope exits; a scope outside any task is rare enough for that.)"""
+    before the body starts, and the body runs in the frame that entered the
+    wrapper: so the walk goes out through wrapper frames, and stops at the
+    first frame that is not one.  It never goes further: a scope entered in
+    a plain generator belongs to the generator's frame, not to the code
+    that consumes it (which runs charged to the scope between two ``next``
+    calls, but outside its ``with``).  (Holding a returned wrapper's frame
+    keeps it alive until the scope exits; a scope outside any task is rare
+    enough for that.)"""
     frames = []
     while frame is not None:
         frames.append(frame)
-        frame = frame.f_back
+        outer = frame.f_back
+        if not (_in_contextlib(frame) or frame.f_code.co_name == "__enter__") and not (
+            frame.f_code.co_flags & inspect.CO_GENERATOR and _in_contextlib(outer)
+        ):
+            break
+        frame = outer
     return tuple(frames)
+
+
+def _in_contextlib(frame: FrameType | None) -> bool:
+    return frame is not None and frame.f_globals.get("__name__") == "contextlib"
 
 
 limit_scope = LimitScope

@@ -406,3 +406,36 @@ def test_never_lands_in_a_weakref_callback_with_more_arguments() -> None:
     assert scope._preempted
     assert cut == []
     assert unraisable == []
+
+
+def test_a_scope_in_a_generator_never_preempts_its_consumer() -> None:
+    # Between two next() calls the consumer runs charged to the scope (the
+    # context variable is still set) but outside its `with`: nothing there
+    # would absorb a Preempted.
+    def numbers() -> Iterator[int]:
+        with ml.limit_scope(timeout=0.02, preempt=0):
+            yield 1
+
+    generator = numbers()
+    next(generator)
+    assert spin(0.3) > 0  # ran to its end
+    generator.close()
+
+
+class Unequal:
+    """An argument whose == cannot be made a bool (like a numpy array)."""
+
+    def __eq__(self, other: object) -> bool:
+        raise ValueError("truth value of an array is ambiguous")
+
+    __hash__ = object.__hash__
+
+
+def test_user_arguments_never_break_the_decision() -> None:
+    def process(data: Unequal, seconds: float) -> int:
+        return spin(seconds)
+
+    for _ in range(2):  # and preemption still works afterwards
+        with ml.limit_scope(timeout=0.02, preempt=0) as scope:
+            process(Unequal(), RUN_FOR)
+        assert scope.breach is not None and scope._preempted
