@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import anyio
@@ -412,7 +412,7 @@ def test_a_scope_in_a_generator_never_preempts_its_consumer() -> None:
     # Between two next() calls the consumer runs charged to the scope (the
     # context variable is still set) but outside its `with`: nothing there
     # would absorb a Preempted.
-    def numbers() -> Iterator[int]:
+    def numbers() -> Generator[int, None, None]:
         with ml.limit_scope(timeout=0.02, preempt=0):
             yield 1
 
