@@ -59,6 +59,8 @@ setup(
                 "memlimits_async/_meter/sampler.c",
                 "memlimits_async/_meter/interrupts.c",
                 "memlimits_async/_meter/numpy_handler.c",
+                "memlimits_async/_meter/frames.c",
+                "memlimits_async/_meter/sites.c",
             ],
             depends=["memlimits_async/_meter/meter.h"],
             extra_compile_args=compile_args,

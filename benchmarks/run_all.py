@@ -689,8 +689,10 @@ def _latency_section(runs: list[dict[str, Any]]) -> list[str]:
         "",
         "Preemption: the same token stopping code that never awaits (a "
         "CPU-bound loop under `limit_scope(token=tok, preempt=0)`, cancelled "
-        "from another thread); the reference is that token stopping a body "
-        "blocked in `await`, in the same loop.  Target: p99 under 10 ms.",
+        "from another thread; in the rows after a grace, `preempt=0.05` and "
+        "the latency counted from the end of the grace); the reference is "
+        "that token stopping a body blocked in `await`, in the same loop.  "
+        "Target: p99 under 10 ms.",
         "",
         *_table(
             [

@@ -55,6 +55,11 @@ TARGETED = (
     'async with limit_scope(memory="50 MiB")',
 )
 TARGET_RATIO = 2.0
+# A limit scope with a timeout beside the scopes it replaces when porting
+# (docs/limit-scope.md, "Coming from anyio / trio / asyncio"): each pair is
+# (limit_scope variant, reference), compared within a round.
+TIMEOUT_SCOPES = ("with limit_scope(timeout=5)", "async with limit_scope(timeout=5)")
+TIMEOUT_REFERENCES = ("with anyio.move_on_after(5)", "async with asyncio.timeout(5)")
 
 
 async def _empty(n: int) -> None:
@@ -104,6 +109,18 @@ async def _ls50_async_with(n: int) -> None:
             pass
 
 
+async def _ls_timeout_with(n: int) -> None:
+    for _ in itertools.repeat(None, n):
+        with ml.limit_scope(timeout=5):
+            pass
+
+
+async def _ls_timeout_async_with(n: int) -> None:
+    for _ in itertools.repeat(None, n):
+        async with ml.limit_scope(timeout=5):
+            pass
+
+
 def variants(backend: str) -> dict[str, Variant]:
     """The variants timed on ``backend``; ``asyncio.timeout`` only on asyncio."""
     out: dict[str, Variant] = {
@@ -114,6 +131,8 @@ def variants(backend: str) -> dict[str, Variant]:
         TARGETED[1]: _ls_async_with,
         TARGETED[2]: _ls50_with,
         TARGETED[3]: _ls50_async_with,
+        TIMEOUT_SCOPES[0]: _ls_timeout_with,
+        TIMEOUT_SCOPES[1]: _ls_timeout_async_with,
     }
     if backend == "asyncio":
         out["async with asyncio.timeout(5)"] = _asyncio_timeout
@@ -172,6 +191,7 @@ def summary(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         "bare": BARE,
         "targeted": list(TARGETED),
         "backends": {},
+        "versus": {},
     }
     worst = 0.0
     for backend, rounds in results.items():
@@ -189,8 +209,31 @@ def summary(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
             if name in TARGETED:
                 worst = max(worst, rows[name]["ratio"]["median"])
         figures["backends"][backend] = rows
+        figures["versus"][backend] = _versus(rounds)
     figures["target"] = ratio_target(TARGET_RATIO, worst)
     return figures
+
+
+def _ratio(values: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def _versus(rounds: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Each limit scope with a timeout against each timeout scope it replaces
+    (those timed on this backend): ratios within a round, over rounds."""
+    return {
+        scope: {
+            reference: _ratio([r[scope] / r[reference] for r in rounds])
+            for reference in TIMEOUT_REFERENCES
+            if reference in rounds[0]
+        }
+        for scope in TIMEOUT_SCOPES
+        if scope in rounds[0]
+    }
 
 
 def render(figures: dict[str, Any]) -> str:
@@ -213,6 +256,18 @@ def render(figures: dict[str, Any]) -> str:
             r = row["ratio"]
             cell = f"{r['median']:5.2f} [{r['min']:.2f}-{r['max']:.2f}]"
             lines.append(f"| {name:<40} | {row['ns']:7.0f} | {cell:<20} |")
+        versus = figures.get("versus", {}).get(backend, {})
+        if versus:
+            lines += [
+                "",
+                "ratio of a limit scope with a timeout to the scope it replaces:",
+            ]
+        for scope, references in versus.items():
+            for reference, r in references.items():
+                lines.append(
+                    f"  {scope} / {reference}: {r['median']:.2f} "
+                    f"[{r['min']:.2f}-{r['max']:.2f}]"
+                )
     target = figures["target"]
     lines += [
         "",

@@ -26,7 +26,19 @@ from ._groups import (
     create_task_group,
 )
 from ._masking import InterruptSafe, interrupt_safe, is_interrupted, with_resource
+from ._profile import Profile, profile
 from ._scope import LimitScope, limit_scope
+from ._sites import (
+    Frame,
+    OpenScope,
+    Snapshot,
+    Statistic,
+    StatisticDiff,
+    Trace,
+    Traceback,
+    open_scopes,
+)
+from ._sites import process_snapshot as snapshot
 from ._supervisor import (
     Backoff,
     ChildSpec,
@@ -38,7 +50,7 @@ from ._supervisor import (
     SupervisorGaveUp,
     trap_shutdown,
 )
-from ._threads import run_sync
+from ._threads import run_sync, threads_inherit_context
 from ._tokens import CancelToken
 from ._units import format_size, parse_size
 
@@ -56,19 +68,27 @@ __all__ = [
     "ChildSpec",
     "ChildStatus",
     "EventKind",
+    "Frame",
     "InterruptSafe",
     "LimitReached",
     "LimitScope",
     "MemoryLimitReached",
     "MeterStats",
+    "OpenScope",
     "Preempted",
+    "Profile",
     "Restart",
+    "Snapshot",
+    "Statistic",
+    "StatisticDiff",
     "Strategy",
     "Supervisor",
     "SupervisorEvent",
     "SupervisorGaveUp",
     "TimeLimitReached",
     "TokenCancelled",
+    "Trace",
+    "Traceback",
     "Usage",
     "configure",
     "create_task_group",
@@ -77,10 +97,14 @@ __all__ = [
     "interrupt_safe",
     "is_interrupted",
     "limit_scope",
+    "open_scopes",
     "parse_size",
+    "profile",
     "run_sync",
     "set_global_memory_limit",
+    "snapshot",
     "stats",
+    "threads_inherit_context",
     "trap_shutdown",
     "with_resource",
 ]

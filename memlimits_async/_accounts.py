@@ -15,6 +15,7 @@ import enum
 from dataclasses import dataclass
 
 from ._meter import _core
+from ._sites import Statistic, top_sites
 from ._units import format_size
 
 __all__ = [
@@ -70,6 +71,12 @@ class Breach:
     observed: int | float | None
     """The estimate (bytes) or elapsed time (seconds) when it fired."""
     reason: str
+    top_sites: tuple[Statistic, ...] = ()
+    """For a byte limit: the largest allocating lines of the scope when the
+    breach was reported (live bytes for MEMORY and GLOBAL_MEMORY, allocated
+    bytes for ALLOCATIONS), largest first, at most three; empty when stack
+    capture is off (``configure(traceback_limit=0)``).  ``reason`` names
+    them too."""
 
 
 _KIND_OF_CODE = {
@@ -85,7 +92,9 @@ _WHAT_IS_COUNTED = {
 }
 
 
-def _byte_breach(code: int, limit: int, observed: int) -> Breach:
+def _byte_breach(
+    code: int, limit: int, observed: int, account: Account | None = None
+) -> Breach:
     kind = _KIND_OF_CODE[code]
     over = observed - limit
     share = f" ({over / limit:.1%})" if limit else ""
@@ -94,7 +103,14 @@ def _byte_breach(code: int, limit: int, observed: int) -> Breach:
         f"{format_size(observed)} {_WHAT_IS_COUNTED[kind]}, "
         f"{format_size(over)} over{share}"
     )
-    return Breach(kind, limit, observed, reason)
+    sites: tuple[Statistic, ...] = ()
+    if account is not None:
+        sites = top_sites(
+            account, "allocated" if kind is BreachKind.ALLOCATIONS else "live"
+        )
+        if sites:
+            reason += "; " + ", ".join(site.describe() for site in sites)
+    return Breach(kind, limit, observed, reason, sites)
 
 
 current_account = _core.current_account
@@ -131,6 +147,7 @@ def usage_from(raw: tuple[int, int, int]) -> Usage:
     return Usage(allocated, max(live, 0), peak_live)
 
 
-def breach_from(record: tuple[int, int, int]) -> Breach:
-    """A :class:`Breach` from a record returned by ``account.breach()``."""
-    return _byte_breach(*record)
+def breach_from(record: tuple[int, int, int], account: Account | None = None) -> Breach:
+    """A :class:`Breach` from a record returned by ``account.breach()``;
+    with the account, it names the account's top allocation sites now."""
+    return _byte_breach(*record, account)

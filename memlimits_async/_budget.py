@@ -33,7 +33,8 @@ class Budget:
 
     :param memory: live bytes (int, or a string such as ``"50 MiB"``).
     :param allocations: cumulative bytes allocated, a measure of work done.
-    :param timeout: seconds, like ``anyio.move_on_after``.
+    :param timeout: seconds, like ``anyio.move_on_after`` (negative: expired
+        from the start).
     :param token: a :class:`CancelToken`, or several (kept as a tuple).
     :param preempt: the preemption grace of ``limit_scope(preempt=...)``:
         seconds a breached body may run without a checkpoint before it is
@@ -69,7 +70,7 @@ class Budget:
         if allocations is not None:
             allocations = parse_size(allocations, name="allocations")
         if timeout is not None:
-            timeout = _parse_timeout(timeout)
+            timeout = _parse_timeout(timeout, negative=True)
         if token is not None and not isinstance(token, CancelToken):
             token = _parse_tokens(token)
         if preempt is not None:
@@ -138,40 +139,60 @@ def budget_arguments(
     int | None,
     int | None,
     float | None,
-    CancelToken | tuple[CancelToken, ...] | None,
+    CancelToken | Iterable[CancelToken] | None,
     float | bool | None,
 ]:
-    """The limits of ``limit_scope(budget=...)``; a TypeError names the
-    arguments given besides the budget (which would be ambiguous)."""
+    """The limits of ``limit_scope(budget=...)``.
+
+    ``token`` may come with the budget: its tokens are watched besides the
+    budget's (a token only adds a way to stop the scope, so nothing is
+    ambiguous, and one budget can serve every request, each with a token of
+    its own).  Any other argument given besides the budget is a TypeError
+    naming it (which of the two limits would hold?)."""
     if not isinstance(budget, Budget):
         raise TypeError(
             f"budget must be a memlimits_async.Budget or None, "
             f"not {type(budget).__name__}"
         )
-    if (
-        memory is None
-        and allocations is None
-        and timeout is None
-        and token is None
-        and preempt is None
-    ):
+    if memory is None and allocations is None and timeout is None and preempt is None:
         # The common case, first: task groups open a scope per child.
+        tokens = budget.token
+        if token is not None:
+            tokens = _more_tokens(tokens, token)
         return (
             budget.memory,
             budget.allocations,
             budget.timeout,
-            budget.token,
+            tokens,
             budget.preempt,
         )
     given = [
         name
         for name, value in zip(
-            _FIELDS, (memory, allocations, timeout, token, preempt), strict=True
+            ("memory", "allocations", "timeout", "preempt"),
+            (memory, allocations, timeout, preempt),
+            strict=True,
         )
         if value is not None
     ]
     others = ", ".join(f"{name}=" for name in given)
     raise TypeError(
         f"pass either budget= or {others} (not both): the budget already "
-        f"sets every limit"
+        f"sets every limit (only token= may come with it)"
     )
+
+
+def _more_tokens(
+    tokens: CancelToken | tuple[CancelToken, ...] | None,
+    token: CancelToken | Iterable[CancelToken],
+) -> CancelToken | tuple[CancelToken, ...]:
+    """The budget's tokens and ``token`` (checked as ``limit_scope`` does)."""
+    if tokens is None and isinstance(token, CancelToken):
+        return token  # the common case: a request's token, a budget without
+    from ._scope import _parse_tokens
+
+    if tokens is None:
+        return _parse_tokens(token)
+    if isinstance(tokens, CancelToken):
+        tokens = (tokens,)
+    return (*tokens, *_parse_tokens(token))

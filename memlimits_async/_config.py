@@ -10,11 +10,14 @@ from ._units import parse_size
 
 __all__ = ["MeterStats", "configure", "stats"]
 
+_MAX_TRACEBACK_LIMIT = 1000  # SITES_MAX_TRACEBACK_LIMIT in meter.h
+
 
 def configure(
     *,
     sampling_interval: int | str | None = None,
     preempt: float | bool | None = None,
+    traceback_limit: int | None = None,
 ) -> None:
     """Change process-wide settings; arguments left out are unchanged.
 
@@ -30,6 +33,10 @@ def configure(
         ``preempt=``: seconds a breached body may run without reaching a
         checkpoint before it is preempted (default 0.05); ``False`` turns
         preemption off for them (docs/preemption.md).
+    :param traceback_limit: frames of the allocating stack recorded with
+        each sample, for snapshots and breach reports (default 16; 0 turns
+        stack capture off).  Takes effect for samples taken from now on
+        (docs/sites.md).
     """
     # Everything is checked before anything changes.
     interval = None
@@ -38,10 +45,22 @@ def configure(
         if interval < 1:
             raise ValueError("sampling_interval must be at least 1 byte")
     grace = parse_preempt(preempt) if preempt is not None else None
+    if traceback_limit is not None:
+        if isinstance(traceback_limit, bool) or not isinstance(traceback_limit, int):
+            raise TypeError(
+                f"traceback_limit must be an int, not {type(traceback_limit).__name__}"
+            )
+        if not 0 <= traceback_limit <= _MAX_TRACEBACK_LIMIT:
+            raise ValueError(
+                f"traceback_limit must be between 0 and {_MAX_TRACEBACK_LIMIT}, "
+                f"got {traceback_limit}"
+            )
     if interval is not None:
         _core.set_sampling_interval(interval)
     if preempt is not None:
         set_default_grace(grace)
+    if traceback_limit is not None:
+        _core.set_traceback_limit(traceback_limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +94,11 @@ class MeterStats:
     min_adaptive_interval: int
     samples_per_limit: int
     """Samples the adaptive interval aims to take per limit."""
+    traceback_limit: int
+    """Frames recorded per sample (``configure(traceback_limit=...)``)."""
+    tracebacks: int
+    """Distinct allocating stacks interned (released when nothing refers to
+    them any more, at the periodic upkeep)."""
     metered_heap: int
     """Estimated bytes held in sampled blocks: those allocated inside scopes,
     and, while a global memory limit is set, outside them too (the global
@@ -99,5 +123,7 @@ def stats() -> MeterStats:
         configured_sampling_interval=raw["configured_sampling_interval"],
         min_adaptive_interval=raw["min_adaptive_interval"],
         samples_per_limit=raw["samples_per_limit"],
+        traceback_limit=raw["traceback_limit"],
+        tracebacks=raw["tracebacks"],
         metered_heap=max(raw["global_live"], 0),
     )

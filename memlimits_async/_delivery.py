@@ -72,9 +72,13 @@ class CancelScopeLike(Protocol):
     """What a scope needs of a cancel scope: anyio's, or trio's own."""
 
     deadline: float
+    shield: bool
 
     @property
     def cancel_called(self) -> bool: ...
+
+    @property
+    def cancelled_caught(self) -> bool: ...
 
     def cancel(self, reason: str | None = None) -> None: ...
 
@@ -100,8 +104,9 @@ class LoopHandle(Protocol):
     ``anyio.CancelScope``, whose every call looks up the running library
     (a third of a scope's entry and exit)."""
 
-    def time(self) -> float:
-        """The loop's clock, the one its deadlines use."""
+    time: Callable[[], float]
+    """The loop's clock, the one its deadlines use: the loop's own function
+    (no frame of ours around it: a scope reads it at entry and exit)."""
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` on the loop's thread soon.
@@ -112,18 +117,16 @@ class LoopHandle(Protocol):
 
 
 class _AsyncioLoopHandle:
-    __slots__ = ("cancel_scope_type", "loop", "thread_id")
+    __slots__ = ("cancel_scope_type", "loop", "thread_id", "time")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.time = loop.time
         self.thread_id = threading.get_ident()  # made on the loop's thread
         # anyio's asyncio backend class, which anyio.CancelScope() returns.
         self.cancel_scope_type: Callable[..., CancelScopeLike] = type(
             anyio.CancelScope()
         )
-
-    def time(self) -> float:
-        return self.loop.time()
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
         with contextlib.suppress(RuntimeError):  # closed loop: its tasks are gone
@@ -131,20 +134,16 @@ class _AsyncioLoopHandle:
 
 
 class _TrioLoopHandle:
-    __slots__ = ("cancel_scope_type", "thread_id", "token")
+    __slots__ = ("cancel_scope_type", "thread_id", "time", "token")
 
     def __init__(self, token: object) -> None:
         import trio
 
         self.token = token
+        self.time = trio.current_time
         self.thread_id = threading.get_ident()  # made on the loop's thread
         # anyio's trio backend wraps trio's scope and adds nothing we use.
         self.cancel_scope_type: Callable[..., CancelScopeLike] = trio.CancelScope
-
-    def time(self) -> float:
-        import trio
-
-        return trio.current_time()
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
         import trio
@@ -337,7 +336,7 @@ def _restart_after_fork() -> None:
     _start_claim = threading.Lock()
     _timer_inbox.clear()
     _last_asyncio_handle = _last_trio_handle = None
-    if parent_had_thread and _core.current_account.get() is not None:
+    if parent_had_thread and _core.current_account.get(None) is not None:
         start_delivery()
 
 

@@ -27,6 +27,12 @@ class LimitReached(Exception):
         super().__init__(breach.reason)
         self.breach = breach
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # BaseException's would rebuild it from args (the reason alone):
+        # multiprocessing, Dask and pytest-xdist pickle exceptions.  The
+        # state (breach, __notes__) is restored as BaseException's does.
+        return (self.__class__, (self.breach,), self.__dict__)
+
 
 class Preempted(BaseException):
     """Raised *inside* a breached scope's body that did not reach a

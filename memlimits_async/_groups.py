@@ -113,6 +113,11 @@ class ChildCancelled(Exception):
         self.name = name
         self.reason = reason
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # BaseException's rebuilds it from args (the message alone), which
+        # its __init__ refuses: pickled across processes, it failed to load.
+        return (self.__class__, (self.name, self.reason), self.__dict__)
+
 
 class ChildInfo(NamedTuple):
     """One running child in a ``children()`` snapshot."""

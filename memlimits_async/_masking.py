@@ -49,6 +49,8 @@ __all__ = [
     "is_protected_code",
     "protected_code_waits",
     "region_account",
+    "shielded_accounts",
+    "shielded_within",
     "with_resource",
 ]
 
@@ -70,10 +72,33 @@ _ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 region_account: ContextVar[Account | None] = ContextVar(
     "memlimits_async.region_account", default=None
 )
-"""In a region (or a shielded scope's body): the account that was current
+"""In a region: the account that was current
 where the innermost one was entered.  A region protects against the scopes
 around it, i.e. the scopes that account is within; scopes opened inside the
 region stay interruptible.  (None: no region, or none inside any scope.)"""
+
+shielded_accounts: set[Account] = set()
+"""The accounts of shielded scopes whose body runs shielded now: each is a
+region for the scopes around it.  A set rather than ``region_account``,
+because a scope's ``shield`` can be lowered and raised while its body runs,
+from wherever the body is (a ContextVar would have to be set and reset in
+nested order, in the context of the scope's entry)."""
+
+
+def shielded_within(running: Account, account: Account) -> bool:
+    """True if code charged to ``running`` is in the body of a shielded scope
+    opened inside ``account``'s scope (not ``account``'s own: a shield keeps
+    out the scopes around, not the scope's own limits)."""
+    if not shielded_accounts:
+        return False
+    for shielded in tuple(shielded_accounts):  # a copy: any thread adds
+        if (
+            shielded is not account
+            and running.is_within(shielded)
+            and shielded.is_within(account)
+        ):
+            return True
+    return False
 
 
 def is_protected_code(code: CodeType) -> bool:

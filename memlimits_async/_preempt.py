@@ -22,12 +22,14 @@ KeyboardInterrupt protection made per scope):
   as ``ExitStack`` or ``@contextmanager`` are seen through) or the task's
   outermost frame (its coroutine's, whoever drives it: asyncio's
   ``Handle._run``, uvloop from C, trio's run loop), or the frame that
-  :func:`memlimits_async.run_sync`'s fence runs;
+  :func:`memlimits_async.run_sync`'s fence runs, or (3.12+) that an anyio
+  or trio worker thread runs for the task awaiting it;
 * never in code marked ``@interrupt_safe``, in a ``__del__``, a weakref or
   ``gc`` callback, inside an ``interrupt_safe()`` region or shielded scope
   opened inside the breached scope, nor in framework code (the event loops
   and their primitives, threading, queue, contextlib, weakref, importlib,
-  warnings, this package) or in user code that framework code called: only
+  warnings, this package's core: not its public integration modules, which
+  are wrappers like a user's) or in user code that framework code called: only
   the wrappers around a task's outermost frame are allowed;
 * never between a call that returned an awaitable and its ``await`` (the
   exit of an ``async with`` calls ``__aexit__``, then awaits it);
@@ -45,10 +47,14 @@ still comes first if it can.
 How it is raised (``_meter/interrupts.c``): on the main thread, a pending
 call runs the decision at an eval-breaker check of the running code and
 raises there (decision and landing are one instant).  In other threads (loops
-run in threads, ``run_sync`` workers) the delivery thread decides from the
+run in threads, ``run_sync`` workers), on 3.12 and later, the same: while a
+preemption is due there, ``sys.monitoring`` INSTRUCTION events are on for the
+code objects of that thread's stack, and the callback decides in the thread,
+before one of the instructions where an exception is handled exactly as at
+a statement boundary (:func:`_landings`), and raises there
+(:data:`MONITORING_ROUTE`).  On 3.11 the delivery thread decides from the
 thread's current frame and arms ``PyThreadState_SetAsyncExc`` only if the
-thread has not moved since, without releasing the GIL in between; on
-3.11 and 3.12 only (:data:`THREADS_PREEMPTIBLE`).
+thread has not moved since, without releasing the GIL in between.
 
 Invariant: a preemption request lives exactly as long as its scope is
 active; ``LimitScope.__exit__`` ends it (:meth:`PreemptRequest.close`).
@@ -76,9 +82,9 @@ from ._accounts import Account, current_account
 from ._delivery import TICK, LoopHandle, call_later, on_tick, report_unraisable
 from ._exceptions import Preempted
 from ._masking import is_protected_code as _is_marked
-from ._masking import region_account
+from ._masking import region_account, shielded_within
 from ._meter import _core
-from ._task_tree import current_task_of, root_frame, scope_reaches
+from ._task_tree import current_task_of, root_frame, scope_reaches, worker_awaiter
 
 if TYPE_CHECKING:
     from ._scope import LimitScope
@@ -101,16 +107,27 @@ preempted.  Half of asyncio's own threshold for a slow step
 (``slow_callback_duration``, 0.1 s), a hundred times a typical step: a task
 that awaits as it should, even on a loaded machine, is stopped cooperatively,
 at a checkpoint, and only code that does not await is preempted.  Short
-enough that the overshoot stays bounded: a runaway body allocates at most
-~2 GB/s, so at most ~100 MB past a memory limit, typically far less."""
+enough that the overshoot stays bounded: a body building fresh memory gets
+about 100 MB past a memory limit in that time (1.2-2 GB/s), one reusing
+memory its process freed before several times more (docs/preemption.md)."""
 
-THREADS_PREEMPTIBLE: Final = sys.version_info < (3, 13)
-"""Whether threads other than the main one can be preempted.  3.13 checks
-for an asynchronous exception with the eval-breaker bits it read *before*
-waiting for the GIL, so an exception armed while a thread waits lands at its
-next check, not where it waits: a place nobody looked at (measured: past the
-end of a ``try``, skipping its ``finally``).  There, other threads are
-stopped at their next checkpoint only (docs/preemption.md)."""
+MONITORING_ROUTE: Final = sys.version_info >= (3, 12)
+"""Whether other threads are preempted from inside, by ``sys.monitoring``
+INSTRUCTION events switched on while a preemption is due (3.12 and later),
+rather than by ``PyThreadState_SetAsyncExc`` armed from the delivery thread
+(3.11).  The latter cannot be used on 3.13 and later: they check for an
+asynchronous exception with the eval-breaker bits read *before* waiting for
+the GIL, so an exception armed while a thread waits lands at its next
+check, a place nobody looked at (measured: past the end of a ``try``,
+skipping its ``finally``).  On 3.12 both work; this one lands sooner and
+also stops one-line loops without calls (docs/preemption.md)."""
+
+MONITORING_TOOL_IDS: Final = (4, 3)
+"""The ``sys.monitoring`` tool ids tried, in this order, while a preemption
+is due: not those that debuggers, coverage tools, profilers and optimizers
+use by convention (0, 1, 2, 5).  When both are taken, 3.12 falls back to
+``PyThreadState_SetAsyncExc`` and later versions do not preempt other
+threads until one is free."""
 
 RETRY_PERIOD: Final = 0.001
 MAX_RETRY_PERIOD: Final = 0.005
@@ -135,7 +152,6 @@ _FRAMEWORK_PACKAGES: Final = frozenset(
         "concurrent",
         "contextlib",
         "importlib",
-        "memlimits_async",
         "outcome",
         "queue",
         "selectors",
@@ -160,6 +176,11 @@ _GET_AWAITABLE: Final = dis.opmap["GET_AWAITABLE"]
 # Code whose frame calls a task's outermost frame (filled in lazily: the
 # frameworks are imported only if used).
 _driver_codes: set[CodeType] = set()
+# The event loops' own: they also call plain functions of their own or a
+# callback's (trio's scheduler checks its instruments with a dict's
+# ``__contains__``), which are no task's code; only a coroutine (or
+# generator) they resume is.
+_loop_driver_codes: set[CodeType] = set()
 _drivers_known: set[str] = set()
 
 
@@ -232,11 +253,43 @@ class PreemptRequest:
         if self.account is not None and _requests.get(self.account) is self:
             del _requests[self.account]
 
+    def overrun(self) -> bool:
+        """True once the body has gone a quarter past a byte limit of its
+        scope: it is preempted then, grace or not.  A body allocating
+        untouched pages (``bytearray(1 << 20)`` in a loop) went 200 MB past
+        a 50 MiB limit within the 0.05 s grace; the grace is there to let a
+        body reach its own checkpoint, not to let it grow without bound."""
+        account = self.account
+        if account is None or self.fired:
+            # Once preempted, a body that goes on (it caught the Preempted
+            # to clean up) gets its grace again: preempting its except
+            # block at once would cut the cleanup short.
+            return False
+        scope = self.scope
+        memory, allocations = scope._memory, scope._allocations
+        if memory is None and allocations is None:
+            return False
+        allocated, live, _ = account.usage()
+        return (memory is not None and live >= memory + (memory >> 2)) or (
+            allocations is not None and allocated >= allocations + (allocations >> 2)
+        )
+
     def _fired(self) -> None:
         self.fired += 1
         # A body that catches Preempted and goes on gets another grace.
         self.due = time.monotonic() + self.grace
         self.scope._note_preempted()
+
+    def _unfired(self) -> None:
+        """Runs in the thread where an exception armed from outside
+        (:func:`_attempt_in_thread`) was disarmed before it landed, because
+        the call the thread was in failed (``interrupts.c``): nothing was
+        raised, and the scope must not report a preemption (its timeout
+        would count as having cut the body).  Due again at once: the next
+        poll decides afresh."""
+        self.fired -= 1
+        self.due = time.monotonic()
+        self.scope._preempted -= 1
 
 
 # Waiting requests by the account of their scope; written from any thread
@@ -268,6 +321,7 @@ def _poll() -> None:
     the code of a waiting scope may run, then poll again in a while."""
     global _poll_scheduled, _poll_period
     if not _requests:
+        _monitor(None)  # nothing is due any more: every event off
         # Clear the flag first, then look again: a request started in
         # between either saw the flag cleared (and scheduled a poll) or is
         # seen here.
@@ -278,18 +332,58 @@ def _poll() -> None:
             return
         _poll_scheduled = True
     fired = False
+    due: dict[int, tuple[set[CodeType], float]] = {}
+    delivery_thread = threading.get_ident()
     try:
-        for thread_id in (*_polled_threads, *_workers):
-            if thread_id == _MAIN_THREAD:
-                # Decided and raised there, at its next eval-breaker check.
-                _core.call_on_main_thread()
-            elif THREADS_PREEMPTIBLE and thread_id != threading.get_ident():
-                fired = _attempt_in_thread(thread_id) or fired
+        if _MAIN_THREAD in _polled_threads:
+            # Decided and raised there, at its next eval-breaker check.
+            _core.call_on_main_thread()
+        if MONITORING_ROUTE:
+            # Every thread: whatever runs charged to a waiting scope, also
+            # work handed to anyio's or trio's worker threads without
+            # run_sync (a thread's own code is never the scope's body:
+            # _frames_allow).
+            for thread_id, frame in sys._current_frames().items():
+                if thread_id not in (_MAIN_THREAD, delivery_thread):
+                    seen = _due_in_thread(thread_id, frame)
+                    if seen is not None:
+                        codes, ripe_at = seen
+                        armed_codes = codes | _armed.get(thread_id, set())
+                        due[thread_id] = (armed_codes, ripe_at)
+        else:
+            # Only where a waiting scope was entered and run_sync's fenced
+            # workers: an asynchronous exception armed in anyio's own
+            # worker loop would kill its thread.
+            for thread_id in {*_polled_threads, *_workers}:
+                if thread_id not in (_MAIN_THREAD, delivery_thread):
+                    fired = _attempt_in_thread(thread_id) or fired
+        if due and _monitor_tool() is None:
+            # Both tool ids are taken: 3.12 can still arm an asynchronous
+            # exception; later versions wait for the next checkpoint.
+            if sys.version_info < (3, 13):
+                for thread_id in due:
+                    fired = _attempt_in_thread(thread_id) or fired
+            due = {}
+        _monitor(due)
+        fired = fired or bool(due)  # lands in the thread: look again soon
     finally:
         # Whatever happened, the next poll comes: the flag says one will.
         # Quick while something may land, then backing off while nothing
         # does: the main thread's own retries are quicker (interrupts.c).
-        if fired:
+        now = time.monotonic()
+        if fired or any(
+            not request.fired
+            and now < request.due
+            and (
+                request.scope._memory is not None
+                or request.scope._allocations is not None
+            )
+            for request in list(_requests.values())
+        ):
+            # Quick too while a body may be running past a byte limit within
+            # its grace (PreemptRequest.overrun): at 4 GB/s, 10 ms is 40 MB.
+            # Only then: once the grace is over the usual rule applies, and
+            # a request that waits long (its body blocked) is polled less.
             _poll_period = RETRY_PERIOD
         else:
             _poll_period = min(_poll_period * 2, MAX_RETRY_PERIOD)
@@ -341,24 +435,25 @@ class _Step:
 _steps: dict[int, _Step] = {}  # by thread
 
 
-def _ran_for(
-    thread_id: int,
-    task: object | None,
-    loop: LoopHandle | None,
-    now: float,
-    grace: float,
-) -> bool:
-    """True if the code running in ``thread_id`` (in ``task``) has run for
-    ``grace`` seconds without a checkpoint, as far as seen (``_Step``)."""
-    cpu_now = _thread_cpu_time(thread_id)
+def _step_of(
+    thread_id: int, task: object | None, loop: LoopHandle, now: float
+) -> _Step:
+    """The step running in ``thread_id`` (in ``task``), as seen from now:
+    a new one if the last one seen has ended or was another task's."""
     step = _steps.get(thread_id)
     if step is None or step.ended or step.task != id(task):
-        step = _steps[thread_id] = _Step(id(task), now, cpu_now)
-        if loop is not None:
-            loop.call_soon_threadsafe(step.end)
+        step = _steps[thread_id] = _Step(id(task), now, _thread_cpu_time(thread_id))
+        loop.call_soon_threadsafe(step.end)
+    return step
+
+
+def _step_ran_for(step: _Step, thread_id: int, now: float, grace: float) -> bool:
+    """True if ``step`` (running in ``thread_id``) has run for ``grace``
+    seconds without a checkpoint (``_Step``)."""
     elapsed = now - step.since
     return elapsed >= grace and (
-        cpu_now - step.cpu_since >= grace / 2 or elapsed >= 4 * grace
+        _thread_cpu_time(thread_id) - step.cpu_since >= grace / 2
+        or elapsed >= 4 * grace
     )
 
 
@@ -382,8 +477,31 @@ def _ripe(
     """True once the grace has passed and the code running in ``task`` on
     ``loop`` (None: not a loop's task) has not reached a checkpoint for as
     long."""
-    ran = _ran_for(thread_id, task, loop, now, request.grace)
-    return now >= request.due and (loop is None or ran)
+    if loop is None:
+        return now >= request.due or request.overrun()
+    # The step is looked at before the grace has passed, so that a body
+    # already running when it does is not given another grace.
+    step = _step_of(thread_id, task, loop, now)
+    if request.overrun():
+        return True  # what runs now is charged to it, and allocating
+    return now >= request.due and _step_ran_for(step, thread_id, now, request.grace)
+
+
+def _ripe_at(
+    request: PreemptRequest,
+    thread_id: int,
+    task: object | None,
+    loop: LoopHandle | None,
+    now: float,
+) -> float:
+    """When :func:`_ripe` becomes true if the same step goes on running
+    (on a CPU: the thread's CPU time is checked where it lands)."""
+    if request.overrun():
+        return now
+    if loop is None:
+        return request.due
+    step = _step_of(thread_id, task, loop, now)
+    return max(request.due, step.since + request.grace)
 
 
 def _loop_and_task(
@@ -410,6 +528,11 @@ def _attempt_in_thread(thread_id: int) -> bool:
     context = _core.thread_context(thread_id)
     if frame is None or context is None:
         return False
+    handled: object = sys._current_exceptions().get(thread_id)
+    if isinstance(handled, tuple):  # 3.11: sys.exc_info() of the thread
+        handled = handled[1]
+    if isinstance(handled, Preempted):
+        return False  # cleaning up after one: as _on_monitored_instruction
     running = context.get(current_account)
     now = time.monotonic()
     for request in _requests_around(running):
@@ -417,17 +540,237 @@ def _attempt_in_thread(thread_id: int) -> bool:
         loop, task = _loop_and_task(scope, thread_id)
         if not _ripe(request, thread_id, task, loop, now):
             continue
-        if may_interrupt(scope, frame, context, task) and _core.raise_in_thread_at(
+        if may_interrupt(
+            scope, frame, context, task, awaiter=_workers.get(thread_id)
+        ) and _core.raise_in_thread_at(
             thread_id,
             frame,
             frame.f_lasti,
             current_account,
             running,
             Preempted,
+            request._unfired,
         ):
             request._fired()
             return True
     return False
+
+
+# ---- other threads, 3.12+: deciding inside the thread (sys.monitoring) ----
+#
+# While a preemption is due in a thread, the poll above switches on
+# INSTRUCTION events for the code objects on that thread's stack (the
+# scope's body and what it runs, sampled again at each poll, so that code
+# entered later is added) and arms the thread in C (``monitor_arm``).  The
+# callback (``_core.monitor_event``) runs in whatever thread executes that
+# code, before an instruction: in a thread that is not armed, or at an
+# instruction that is not a landing point (:func:`_landings`), it returns at
+# once in C.  Otherwise :func:`_on_monitored_instruction` decides there, as
+# the main thread's pending call does, and the exception it returns is
+# raised at that instruction.  Once no preemption is due, every event is
+# switched off; the tool id stays held, with no event on (which costs
+# nothing), because freeing it makes CPython re-instrument every function
+# of the program at its next call (the global monitoring version moves),
+# and on 3.14+ give each one it had not instrumented yet 128 bytes of
+# instrumentation data, charged to whatever scope runs it.  Only the
+# delivery thread switches events on and off.
+
+_armed: dict[int, set[CodeType]] = {}  # thread -> code objects seen running
+_monitored: dict[CodeType, bytes] = {}  # code -> landings, events on
+_tool: int | None = None  # the sys.monitoring tool id held, if any
+# How long before a preemption is due its thread is armed, beyond the
+# switch interval: the poll that sees it coming may be the last one before
+# it is due (polls are at most MAX_RETRY_PERIOD apart, and each must win the
+# GIL from the running thread, up to a switch interval), and the landing
+# then owes nothing to when the next poll runs.  Measured on 3.13 with a
+# 0.05 s grace: median 2.5 ms after the grace against 8.2 ms when armed
+# only once due.  What it costs: INSTRUCTION events on the code objects of
+# that stack (the code runs 4-10 times slower) for that long at most.
+_ARM_AHEAD: Final = MAX_RETRY_PERIOD + 0.001
+
+
+_TOOL_NAME: Final = "memlimits_async"
+
+
+def _still_ours() -> bool:
+    """Whether the tool id kept is still this module's.  Held between
+    preemptions, it may be freed by someone else (and taken again): then its
+    events went with it, and the module forgets it rather than act on
+    another tool's id (set_local_events raised in the delivery thread, and
+    no thread was preempted any more)."""
+    global _tool
+    tool = _tool
+    if tool is None:
+        return False
+    monitoring = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+    if monitoring.get_tool(tool) == _TOOL_NAME:
+        return True
+    _tool = None
+    _monitored.clear()
+    if _armed:
+        _armed.clear()
+        _core.monitor_arm(None, (), ())
+    return False
+
+
+def _monitor_tool() -> int | None:
+    """The tool id this module holds, taking one if it holds none."""
+    global _tool
+    if not _still_ours():
+        monitoring = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+        for tool in MONITORING_TOOL_IDS:
+            if monitoring.get_tool(tool) is None:
+                try:
+                    monitoring.use_tool_id(tool, _TOOL_NAME)
+                except ValueError:  # taken by another thread in between
+                    continue
+                monitoring.register_callback(
+                    tool, monitoring.events.INSTRUCTION, _core.monitor_event
+                )
+                _tool = tool
+                break
+    return _tool
+
+
+def _monitor(armed: dict[int, tuple[set[CodeType], float]] | None) -> None:
+    """Arm exactly ``armed`` (thread -> code objects to watch in it, and
+    when the preemption is due there); None or empty: switch every event
+    off (the tool id stays held: see above)."""
+    if not (armed or _monitored or _armed) or not _still_ours():
+        return
+    tool = _tool
+    assert tool is not None
+    monitoring = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+    wanted: set[CodeType] = set()
+    for codes, _ in (armed or {}).values():
+        wanted |= codes
+    for code in [code for code in _monitored if code not in wanted]:
+        monitoring.set_local_events(tool, code, 0)
+        del _monitored[code]
+    for code in wanted:
+        if code not in _monitored:
+            try:
+                landings = _landings(code)
+            except Exception:  # a layout dis does not know: never land there
+                continue
+            if any(landings):
+                _monitored[code] = landings
+                monitoring.set_local_events(tool, code, monitoring.events.INSTRUCTION)
+    _armed.clear()
+    if armed:
+        _armed.update((thread_id, codes) for thread_id, (codes, _) in armed.items())
+        _core.monitor_arm(
+            _on_monitored_instruction,
+            tuple(
+                (thread_id, int(ripe_at * 1e9))  # time.monotonic()'s clock, in ns
+                for thread_id, (_, ripe_at) in armed.items()
+            ),
+            tuple(_monitored.items()),
+        )
+    else:
+        _core.monitor_arm(None, (), ())
+
+
+def _release_monitor_tool() -> None:
+    """Switch every event off and free the tool id (for tests that take
+    every id themselves)."""
+    global _tool
+    if not _still_ours():
+        return
+    tool = _tool
+    assert tool is not None
+    _monitor(None)
+    monitoring = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+    monitoring.register_callback(tool, monitoring.events.INSTRUCTION, None)
+    monitoring.free_tool_id(tool)
+    _tool = None
+
+
+def _due_in_thread(
+    thread_id: int, frame: FrameType
+) -> tuple[set[CodeType], float] | None:
+    """From the delivery thread: if a preemption is due in ``thread_id``
+    (running ``frame``) within :data:`_ARM_AHEAD`, the code objects of its
+    stack where it may land (maybe none for now) and when it is due
+    (``time.monotonic()``), else None."""
+    context = _core.thread_context(thread_id)
+    if context is None:
+        return None
+    now = time.monotonic()
+    for request in _requests_around(context.get(current_account)):
+        scope = request.scope
+        loop, task = _loop_and_task(scope, thread_id)
+        ripe_at = _ripe_at(request, thread_id, task, loop, now)
+        if ripe_at <= now + _ARM_AHEAD + sys.getswitchinterval():
+            root = root_frame(task) if task else None
+            return _body_codes(frame, scope, root), ripe_at
+    return None
+
+
+def _body_codes(
+    frame: FrameType, scope: LimitScope, root: FrameType | None
+) -> set[CodeType]:
+    """The code objects of the frames from ``frame`` out to the scope's body
+    where a preemption may land: neither framework nor marked code."""
+    _learn_drivers()
+    codes: set[CodeType] = set()
+    current: FrameType | None = frame
+    while current is not None:
+        code = current.f_code
+        if not (code in _never_here or _is_marked(code) or _is_framework(current)):
+            codes.add(code)
+        if current is root or current in scope._entry_frames:
+            return codes
+        outer = current.f_back
+        if outer is not None and outer.f_code in _driver_codes:
+            return codes
+        current = outer
+    return set()  # not the scope's body: a loop's or a thread's own code
+
+
+def _on_monitored_instruction() -> BaseException | None:
+    """Runs in an armed thread, before a landing point of a monitored code
+    object (the caller's frame): the exception to raise there, or None."""
+    running = current_account.get(None)
+    if running is None or not _requests or isinstance(sys.exception(), Preempted):
+        # Outside every scope, or cleaning up after a Preempted (code that an
+        # `except` or `finally` handling it calls): let that finish first.
+        return None
+    frame = sys._getframe(1)
+    thread_id = threading.get_ident()
+    now = time.monotonic()
+    for request in _requests_around(running):
+        scope = request.scope
+        loop, task = _loop_and_task(scope, thread_id)
+        if _still_ripe(request, thread_id, loop, now) and may_interrupt(
+            scope, frame, None, task, awaiter=worker_awaiter(), at_landing=True
+        ):
+            request._fired()
+            return Preempted(scope._preempt_reason())
+    return None
+
+
+def _still_ripe(
+    request: PreemptRequest, thread_id: int, loop: LoopHandle | None, now: float
+) -> bool:
+    """:func:`_ripe` as the delivery thread saw it, from inside the thread:
+    the same step (as seen from outside: trio's task is known only inside),
+    which has run for the grace."""
+    if request.overrun():
+        return True
+    if now < request.due:
+        return False
+    if loop is None:
+        return True
+    step = _steps.get(thread_id)
+    asyncio_loop = getattr(loop, "loop", None)
+    outside_task = current_task_of(asyncio_loop) if asyncio_loop is not None else None
+    return (
+        step is not None
+        and not step.ended
+        and step.task == id(outside_task)
+        and _step_ran_for(step, thread_id, now, request.grace)
+    )
 
 
 # ---- timeouts: a deadline passed while the body was running ----
@@ -464,6 +807,24 @@ def unwatch_deadline(scope: LimitScope) -> None:
     _deadlines.pop(id(scope), None)
 
 
+def take_deadline_inbox(
+    inbox: collections.deque[tuple[float, int]],
+    heap: list[tuple[float, int]],
+    live: dict[int, LimitScope],
+) -> None:
+    """Move the inbox's pairs of scopes still waiting into the heap.
+
+    Most scopes of a server (a request's) have exited by the next tick:
+    pushing their pairs too, thousands per tick, held the GIL for
+    milliseconds (a server's p99 latency), for pairs that the next
+    compaction drops."""
+    while inbox:
+        entry = inbox.popleft()
+        scope = live.get(entry[1])
+        if scope is not None and scope._watched_deadline == entry[0]:
+            heapq.heappush(heap, entry)
+
+
 def scan_deadlines() -> None:
     """In the delivery thread: arm the scopes whose deadline has passed."""
     global _next_scan, _deadline_heap
@@ -471,8 +832,7 @@ def scan_deadlines() -> None:
     # own if it is due before the next tick, whatever happens below.
     _next_scan = math.inf
     heap = _deadline_heap
-    while _deadline_inbox:
-        heapq.heappush(heap, _deadline_inbox.popleft())
+    take_deadline_inbox(_deadline_inbox, heap, _deadlines)
     now = time.monotonic()
     while heap and heap[0][0] <= now:
         deadline, key = heapq.heappop(heap)
@@ -496,9 +856,10 @@ def scan_deadlines() -> None:
 
 on_tick(scan_deadlines)
 
-_workers: set[int] = set()
-"""Threads running ``run_sync`` work: any of them may be running a breached
-scope's code (their context says whose)."""
+_workers: dict[int, object | None] = {}
+"""Threads running ``run_sync`` work, and the task awaiting each (see
+:func:`worker_awaiter`): any of them may be running a breached scope's code
+(their context says whose)."""
 
 
 def run_fenced(function: Callable[..., T], args: tuple[object, ...]) -> T:
@@ -507,12 +868,12 @@ def run_fenced(function: Callable[..., T], args: tuple[object, ...]) -> T:
     calls is the outermost one that may be interrupted), and an interrupt
     armed too late is disarmed before the thread goes back to its pool."""
     thread_id = threading.get_ident()
-    _workers.add(thread_id)
+    _workers[thread_id] = worker_awaiter()
     try:
         return function(*args)
     finally:
-        _workers.discard(thread_id)
-        _core.async_raise(thread_id, None)
+        _workers.pop(thread_id, None)
+        _core.disarm()
 
 
 def _on_main_thread_call() -> BaseException | bool:
@@ -523,7 +884,6 @@ def _on_main_thread_call() -> BaseException | bool:
     running = current_account.get(None)
     if running is None or not _requests:
         return False
-    frame = sys._getframe(1)
     now = time.monotonic()
     again = False
     for request in _requests_around(running):
@@ -531,6 +891,10 @@ def _on_main_thread_call() -> BaseException | bool:
         loop, task = _loop_and_task(scope, _MAIN_THREAD)  # type: ignore[arg-type]
         if not _ripe(request, _MAIN_THREAD, task, loop, now):  # type: ignore[arg-type]
             continue
+        # Only now: sys._getframe makes the frame's object, charged to the
+        # running scope and alive as long as the frame (a scope around
+        # code that no waiting request concerns counted it as live bytes).
+        frame = sys._getframe(1)
         if may_interrupt(scope, frame, None, task):
             request._fired()
             return Preempted(scope._preempt_reason())
@@ -554,11 +918,17 @@ def may_interrupt(
     frame: FrameType,
     context: Context | None,
     task: object | None = None,
+    *,
+    awaiter: object | None = None,
+    at_landing: bool = False,
 ) -> bool:
     """True if raising in ``frame`` (running in ``context``, None for the
-    current one, and in ``task``, None for code outside any task) can only
-    unwind code of the scope's body that is not protected (see the module
-    docstring)."""
+    current one, and in ``task``, None for code outside any task, such as a
+    worker thread's, then run for ``awaiter`` if known) can only unwind code
+    of the scope's body that is not protected (see the module docstring).
+    ``at_landing``: the frame is about to run one of its :func:`_landings`,
+    where the handlers around it were checked already (rather than at an
+    eval-breaker check)."""
     account = scope._account
     if account is None:
         return False
@@ -573,20 +943,30 @@ def may_interrupt(
     if running is None or not running.is_within(account):
         return False  # not charged to the scope: not its code
     if region is not None and region.is_within(account):
-        return False  # a region or shield opened inside the scope
+        return False  # a region opened inside the scope
+    if shielded_within(running, account):
+        return False  # a shielded scope opened inside it
     root = None
+    cancel_scope = scope._cancel_scope
+    owner = task if task is not None else awaiter
+    if (
+        owner is not None
+        and cancel_scope is not None
+        and not scope_reaches(cancel_scope, owner)
+    ):
+        # Started inside, but not owned by the scope: nothing inside it
+        # would absorb the Preempted (a worker's raises in its awaiter).
+        return False
     if task is not None:
-        cancel_scope = scope._cancel_scope
-        if cancel_scope is not None and not scope_reaches(cancel_scope, task):
-            return False  # started inside, but not owned by the scope
         root = root_frame(task)
-    return _frames_allow(frame, scope._entry_frames, root)
+    return _frames_allow(frame, scope._entry_frames, root, at_landing)
 
 
 def _frames_allow(
     frame: FrameType,
     entry_frames: tuple[FrameType, ...],
     root: FrameType | None,
+    at_landing: bool = False,
 ) -> bool:
     _learn_drivers()
     chain: list[FrameType] = []
@@ -597,6 +977,14 @@ def _frames_allow(
             break
         outer = current.f_back
         if outer is not None and outer.f_code in _driver_codes:
+            if outer.f_code in _loop_driver_codes and not (
+                current.f_code.co_flags & _RESUMABLE
+            ):
+                # A function the loop itself called, between task steps: a
+                # Preempted raised there would unwind the scheduler (trio's
+                # then fails with TrioInternalError, and its nurseries and
+                # epoll object are left broken).
+                return False
             break
         current = outer
     else:
@@ -605,7 +993,7 @@ def _frames_allow(
     if _is_marked(innermost) or _is_framework(frame):
         _never_here.add(innermost)
         return False
-    if _about_to_await(frame) or not _handled_like_its_neighbour(frame):
+    if _about_to_await(frame) or not (at_landing or _handled_like_its_neighbour(frame)):
         return False
     outermost_user = None
     for index, each in enumerate(chain):
@@ -735,11 +1123,191 @@ def _handler_at(ranges: tuple[tuple[int, int, int], ...], offset: int) -> int:
     return -1
 
 
+def _opcodes(*names: str) -> frozenset[int]:
+    return frozenset(dis.opmap[name] for name in names if name in dis.opmap)
+
+
+# Instructions an exception table may place outside the handler range of
+# the code around them (cpython#108214, #130279: a loop's jump back), and
+# that never raise: the handler in force at one is that of the code before.
+_SEE_THROUGH: Final = _opcodes(
+    "NOP",
+    "NOT_TAKEN",
+    "EXTENDED_ARG",
+    "JUMP_FORWARD",
+    "JUMP_BACKWARD",
+    "JUMP_BACKWARD_NO_INTERRUPT",
+    "JUMP_BACKWARD_NO_JIT",
+)
+_NO_FALL_THROUGH: Final = _opcodes(
+    "JUMP_FORWARD",
+    "JUMP_BACKWARD",
+    "JUMP_BACKWARD_NO_INTERRUPT",
+    "JUMP_BACKWARD_NO_JIT",
+    "RETURN_VALUE",
+    "RETURN_CONST",
+    "RAISE_VARARGS",
+    "RERAISE",
+)
+_LOOP_BACK: Final = _opcodes("JUMP_BACKWARD", "JUMP_BACKWARD_NO_JIT")
+# Never land just before these: the machinery of await, of generators and
+# of exception handling, where an exception would cut a protocol in half.
+_NOT_BEFORE: Final = _SEE_THROUGH | _opcodes(
+    "RESUME",
+    "RETURN_GENERATOR",
+    "GET_AWAITABLE",
+    "SEND",
+    "YIELD_VALUE",
+    "END_SEND",
+    "CLEANUP_THROW",
+    "GET_AITER",
+    "GET_ANEXT",
+    "END_ASYNC_FOR",
+    "BEFORE_ASYNC_WITH",
+    "PUSH_EXC_INFO",
+    "POP_EXCEPT",
+    "RERAISE",
+    "WITH_EXCEPT_START",
+    "CHECK_EXC_MATCH",
+    "CHECK_EG_MATCH",
+)
+_JUMPS: Final = frozenset(getattr(dis, "hasjump", None) or (*dis.hasjrel, *dis.hasjabs))
+_POP_EXCEPT: Final = dis.opmap["POP_EXCEPT"]
+
+
+@functools.lru_cache(maxsize=1024)
+def _landings(code: CodeType) -> bytes:
+    """Where a preemption decided inside a thread may land in ``code``: one
+    byte per code unit, nonzero before the instructions where an exception
+    is handled exactly as at the statement boundary it stands for.
+
+    The candidates are the first instruction of each line and the head of
+    each loop (where its jump back goes: a loop on one line has no other).
+    One is kept only if every way in comes from code under the same
+    handler, or from code under none (entering a ``try``): the first
+    instruction after a ``with`` or ``try``/``finally`` body runs its exit,
+    and landing there would skip it.  Jumps and no-ops are seen through,
+    since CPython may range them outside the ``try`` they belong to (the
+    cpython#108214 shapes).  Never inside an ``except`` or ``finally``
+    handler (from its start to its ``POP_EXCEPT``), nor before the
+    instructions of await, generators and exception handling (:data:`_NOT_BEFORE`).
+    """
+    instructions = list(dis.get_instructions(code))
+    index = {each.offset: i for i, each in enumerate(instructions)}
+    before: list[list[int]] = [[] for _ in instructions]
+    after: list[list[int]] = [[] for _ in instructions]
+    for i, each in enumerate(instructions):
+        if each.opcode not in _NO_FALL_THROUGH and i + 1 < len(instructions):
+            after[i].append(i + 1)
+            before[i + 1].append(i)
+        if each.opcode in _JUMPS and each.argval in index:
+            target = index[each.argval]
+            after[i].append(target)
+            before[target].append(i)
+    ranges = _handler_ranges(code)
+    in_handler: set[int] = set()
+    stack = [index[target] for _, _, target in ranges if target in index]
+    while stack:
+        i = stack.pop()
+        if i in in_handler:
+            continue
+        in_handler.add(i)
+        if instructions[i].opcode != _POP_EXCEPT:
+            stack.extend(after[i])
+    candidates = {
+        index[offset]
+        for offset, line in dis.findlinestarts(code)
+        if line is not None and offset in index
+    }
+    candidates.update(
+        index[each.argval]
+        for each in instructions
+        if each.opcode in _LOOP_BACK and each.argval in index
+    )
+    landings = bytearray(len(code.co_code) // 2)
+    for i in candidates:
+        while instructions[i].opcode in _SEE_THROUGH and after[i] == [i + 1]:
+            i += 1  # a no-op before the real start
+        each = instructions[i]
+        if i in in_handler or (
+            each.opcode in _NOT_BEFORE
+            and not (
+                _jump_of_an_empty_loop(i, instructions, index)
+                and not _outside_a_try_it_is_in(each, ranges)
+            )
+        ):
+            continue
+        handler = _handler_at(ranges, each.offset)
+        ways_in = _ways_in(i, before, instructions)
+        if ways_in and all(
+            _handler_at(ranges, instructions[j].offset) in (handler, -1)
+            for j in ways_in
+        ):
+            landings[each.offset // 2] = 1
+    return bytes(landings)
+
+
+def _jump_of_an_empty_loop(
+    i: int, instructions: list[dis.Instruction], index: dict[int, int]
+) -> bool:
+    """Whether instruction ``i`` is the jump back of a loop with nothing
+    else in it (``while True: pass``): no instruction to land before but
+    the jump, which is kept when its handler is that of every way in, like
+    any other candidate (a jump CPython ranged outside its ``try`` is not)."""
+    each = instructions[i]
+    if each.opcode not in _LOOP_BACK:
+        return False
+    head = index.get(each.argval)
+    return head is not None and all(
+        instructions[k].opcode in _SEE_THROUGH for k in range(head, i + 1)
+    )
+
+
+def _outside_a_try_it_is_in(
+    jump: dis.Instruction, ranges: tuple[tuple[int, int, int], ...]
+) -> bool:
+    """Whether a jump under no handler stands between a range's start and
+    its handler: inside a ``try`` (or ``with``) whose range CPython ended
+    before the jump, where the code before the loop is under no handler
+    either (a ``try`` at the top of a function): both sides read -1 and the
+    check on the ways in cannot see it."""
+    return _handler_at(ranges, jump.offset) == -1 and any(
+        start < jump.offset < target for start, _, target in ranges
+    )
+
+
+def _ways_in(
+    i: int, before: list[list[int]], instructions: list[dis.Instruction]
+) -> set[int]:
+    """The instructions that can run just before instruction ``i``, seen
+    through jumps and no-ops."""
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = list(before[i])
+    while stack:
+        j = stack.pop()
+        if j in seen:
+            continue
+        seen.add(j)
+        if instructions[j].opcode in _SEE_THROUGH:
+            stack.extend(before[j])
+        else:
+            found.add(j)
+    return found
+
+
 def _is_framework(frame: FrameType) -> bool:
     module = frame.f_globals.get("__name__")
     if not isinstance(module, str):
         return False
-    return module.partition(".")[0] in _FRAMEWORK_PACKAGES
+    top, _, rest = module.partition(".")
+    if top == "memlimits_async":
+        # Only the core (the package module and its private modules) is
+        # framework code; a public integration module (Dask's plugin, ASGI
+        # middleware) is a wrapper like a user's: what it calls must stay
+        # interruptible.
+        return not rest or rest[0] == "_"
+    return top in _FRAMEWORK_PACKAGES
 
 
 def _learn_drivers() -> None:
@@ -750,12 +1318,44 @@ def _learn_drivers() -> None:
         import asyncio.events
 
         _driver_codes.add(asyncio.events.Handle._run.__code__)
+        _loop_driver_codes.add(asyncio.events.Handle._run.__code__)
         _drivers_known.add("asyncio")
     if "trio" not in _drivers_known and "trio" in sys.modules:
         from trio._core import _run as trio_run
 
         _driver_codes.add(trio_run.unrolled_run.__code__)
+        _loop_driver_codes.add(trio_run.unrolled_run.__code__)
         _drivers_known.add("trio")
+    # What calls the function handed to a worker thread, so that what it
+    # raises goes to the task that awaits it: anyio's (both backends) and
+    # trio's to_thread.  The worker's own loop is not the scope's body.
+    for module, owner, name, nested in (
+        ("anyio._backends._asyncio", "WorkerThread", "run", None),
+        (
+            "anyio._backends._trio",
+            "TrioBackend",
+            "run_sync_in_worker_thread",
+            "wrapper",
+        ),
+        ("trio._threads", None, "to_thread_run_sync", "worker_fn"),
+    ):
+        if module not in _drivers_known and module in sys.modules:
+            _drivers_known.add(module)
+            found = getattr(sys.modules[module], owner or name, None)
+            code = getattr(
+                getattr(found, name, None) if owner else found, "__code__", None
+            )
+            if code is not None and nested is not None:
+                code = next(
+                    (
+                        const
+                        for const in code.co_consts
+                        if isinstance(const, CodeType) and const.co_name == nested
+                    ),
+                    None,
+                )
+            if code is not None:
+                _driver_codes.add(code)
 
 
 def _reset_after_fork() -> None:
@@ -766,6 +1366,10 @@ def _reset_after_fork() -> None:
     _poll_scheduled = False
     _next_scan = math.inf
     _steps.clear()
+    # The armed threads are the parent's: the child starts with every
+    # event off (and polls to switch them on again if it must).  It keeps
+    # the tool id, for the reason above.
+    _monitor(None)
     if _requests:
         _start_polling()
 

@@ -53,7 +53,7 @@ from ._delivery import (
     start_delivery,
 )
 from ._exceptions import Preempted, exception_for
-from ._masking import protected_code_waits, region_account
+from ._masking import protected_code_waits, shielded_accounts
 from ._preempt import (
     PreemptRequest,
     default_grace,
@@ -61,6 +61,7 @@ from ._preempt import (
     unwatch_deadline,
     watch_deadline,
 )
+from ._sites import Snapshot, account_snapshot
 from ._tokens import CancelToken
 from ._units import parse_size
 
@@ -75,17 +76,41 @@ _ACTIVE: Final = "active"
 _EXITED: Final = "exited"
 
 
-def _parse_timeout(timeout: object, name: str = "timeout") -> float:
+def _parse_timeout(
+    timeout: object, name: str = "timeout", negative: bool = False
+) -> float:
+    """Seconds, as a float.  ``negative``: a timeout or deadline offset, where
+    a negative value means "already expired" (as ``asyncio.timeout(-1)`` and
+    ``anyio.move_on_after(-1)``), rather than a period, which cannot be."""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(
             f"{name} must be a number of seconds or None, not {type(timeout).__name__}"
         )
-    if timeout < 0 or timeout != timeout:  # NaN
+    if timeout != timeout:  # NaN
+        if negative:
+            raise ValueError(f"{name} must be a number of seconds, got {timeout!r}")
+        raise ValueError(f"{name} must be >= 0 seconds, got {timeout!r}")
+    if timeout < 0 and not negative:
         raise ValueError(f"{name} must be >= 0 seconds, got {timeout!r}")
     try:
         return float(timeout)
     except OverflowError:  # an int beyond the largest float
         raise ValueError(f"{name} is too large to be seconds: {timeout}") from None
+
+
+def _parse_deadline(deadline: object, name: str = "deadline") -> float:
+    """An absolute time on the scope's clock; math.inf for none."""
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+        raise TypeError(
+            f"{name} must be a number (a time on the loop's clock), "
+            f"not {type(deadline).__name__}"
+        )
+    if deadline != deadline:
+        raise ValueError(f"{name} must be a time on the loop's clock, got nan")
+    try:
+        return float(deadline)
+    except OverflowError:
+        raise ValueError(f"{name} is too large to be a time: {deadline}") from None
 
 
 def _parse_tokens(token: object) -> tuple[CancelToken, ...]:
@@ -123,7 +148,13 @@ class LimitScope:
         such as ``"50 MiB"``); passing it cancels the scope (``MEMORY``).
     :param allocations: cumulative bytes the scope's tasks may allocate, a
         measure of work done; passing it cancels the scope (``ALLOCATIONS``).
-    :param timeout: seconds, like ``anyio.move_on_after`` (``TIMEOUT``).
+    :param timeout: seconds, like ``anyio.move_on_after`` (``TIMEOUT``);
+        negative: expired at entry, as ``asyncio.timeout(-1)``.
+    :param deadline: instead of ``timeout``, the time it expires on the
+        clock of the loop that enters it (``loop.time()``,
+        ``trio.current_time()``, ``anyio.current_time()``; outside any task,
+        ``time.monotonic()``).  Giving both is a TypeError.  Both can be
+        moved while the body runs (:attr:`deadline`).
     :param token: a :class:`CancelToken`, or several: cancelling any of them
         cancels the scope (``TOKEN``), within one loop iteration even while
         the task is blocked in ``await``; one cancelled already cancels the
@@ -143,7 +174,15 @@ class LimitScope:
         with ``configure(preempt=...)`` (0.05 s unless changed), False never
         to preempt.
     :param budget: a :class:`Budget`, instead of ``memory``, ``allocations``,
-        ``timeout``, ``token`` and ``preempt`` (passing both is a TypeError).
+        ``timeout`` and ``preempt`` (passing both is a TypeError); ``token``
+        may come with it, and is watched besides the budget's tokens.
+
+    Everything anyio's and trio's ``CancelScope`` and asyncio's ``Timeout``
+    offer means the same here (``cancel()``, ``cancel_called``,
+    ``cancelled_caught``, ``deadline``, ``relative_deadline``, a writable
+    ``shield``, ``when()``, ``reschedule()``, ``expired()``), so porting
+    code to it is a rename (docs/limit-scope.md).  Assigning any other
+    attribute raises ``AttributeError``.
 
     Usage is charged to this scope and to every enclosing scope, so an inner
     scope can never extend an outer one.  Tasks started inside the scope
@@ -151,39 +190,92 @@ class LimitScope:
     copy the context that holds its account.
     """
 
-    # State that most scopes never change lives on the class: a scope is
-    # created and entered on every request of a server, and each attribute
-    # written in __init__ is paid for every time.
-    _state: str = _NEW
-    _account: Account | None = None
-    _cancel_scope: CancelScopeLike | None = None
-    _loop: LoopHandle | None = None
-    _deadline: float = math.inf
-    _started_at: float = 0.0
-    _breach: Breach | None = None
-    _cancel_requested: bool = False
-    _cancel_reason: str | None = None
-    _timeout_came_first: bool = False
-    _tokens: tuple[CancelToken, ...] = ()
-    _token_unregisters: tuple[Callable[[], None], ...] = ()
-    _delivered: Breach | None = None  # the first breach that cancelled it
-    _deferred: Breach | None = None  # held back by interrupt-safe coroutines
-    _global_memory: bool = False
-    _preempt: object = None  # as given; None: the configured default
-    _preempt_request: PreemptRequest | None = None
-    _preempt_breach: Breach | None = None  # what the preemption is for
-    _preempted: int = 0  # times Preempted was raised in the body
-    _watched_deadline: float = math.inf  # monotonic, while _preempt watches it
+    # Slots, so that a misspelt or foreign attribute (``scope.deadlin``,
+    # ``scope.shield_all``) raises instead of being silently kept and
+    # ignored; every slot is set in __init__.  (Slots cost a scope's creation
+    # a little more than class-level defaults did, and its entry and exit,
+    # which read them, a little less: benchmarks/scope_cost.py.)
+    __slots__ = (
+        "__weakref__",
+        "_account",
+        "_adopted",
+        "_allocations",
+        "_breach",
+        "_cancel_reason",
+        "_cancel_requested",
+        "_cancel_scope",
+        "_caught",
+        "_deadline",
+        "_deferred",
+        "_delivered",
+        "_entry_frames",
+        "_expired",
+        "_global_memory",
+        "_loop",
+        "_memory",
+        "_preempt",
+        "_preempt_breach",
+        "_preempt_request",
+        "_preempted",
+        "_raise_on_breach",
+        "_shield",
+        "_shielding",
+        "_sited_breach",
+        "_started_at",
+        "_state",
+        "_thread_id",
+        "_timeout",
+        "_timeout_came_first",
+        "_token_unregisters",
+        "_tokens",
+        "_watched_deadline",
+    )
+
+    _state: str
+    _account: Account | None
+    _cancel_scope: CancelScopeLike | None
+    _loop: LoopHandle | None
+    # The deadline on the scope's clock (the loop's, or time.monotonic()
+    # outside any task): given with deadline=, or set at entry from the
+    # timeout; math.inf for none.
+    _deadline: float
+    # Seconds from entry to the deadline: given with timeout=, or (once
+    # entered) the deadline in force minus the entry time.  Not None iff
+    # the scope has had a deadline since it was entered, which is what its
+    # entry and exit test (one comparison).
+    _timeout: float | None
+    _started_at: float
+    _breach: Breach | None
+    _cancel_requested: bool
+    _cancel_reason: str | None
+    _timeout_came_first: bool
+    _caught: bool  # cancelled_caught
+    _expired: bool  # the deadline passed while it was active (set at exit)
+    _tokens: tuple[CancelToken, ...]
+    _token_unregisters: tuple[Callable[[], object], ...]
+    _delivered: Breach | None  # the first breach that cancelled it
+    _deferred: Breach | None  # held back by interrupt-safe coroutines
+    _global_memory: bool
+    _preempt: object  # as given; None: the configured default
+    _preempt_request: PreemptRequest | None
+    _preempt_breach: Breach | None  # what the preemption is for
+    _preempted: int  # times Preempted was raised in the body
+    _watched_deadline: float  # monotonic, while _preempt watches it
     # Outside a task: the frames on the stack where it was entered (the
     # innermost of them still running is where its body runs).
-    _entry_frames: tuple[FrameType, ...] = ()
-    _thread_id: int = 0  # outside a task: the thread it was entered in
-    _region_token: object = None  # shielded: the interrupt-safe region marker
-    _shield: bool = False
-    _raise_on_breach: bool = False
+    _entry_frames: tuple[FrameType, ...]
+    _thread_id: int  # outside a task: the thread it was entered in
+    _shield: bool
+    _shielding: bool  # its account is in shielded_accounts (_masking)
+    _raise_on_breach: bool
     # A cancel scope of the task's own, entered by its owner around the whole
     # body, that this scope cancels instead of entering one (``_adopt``).
-    _adopted: anyio.CancelScope | None = None
+    _adopted: anyio.CancelScope | None
+    _memory: int | None
+    _allocations: int | None
+    # The meter's breach, with the scope's top sites as they were when it
+    # was first reported (they change as the body unwinds): made once.
+    _sited_breach: Breach | None
 
     def __init__(
         self,
@@ -191,6 +283,7 @@ class LimitScope:
         memory: int | str | None = None,
         allocations: int | str | None = None,
         timeout: float | None = None,
+        deadline: float | None = None,
         token: CancelToken | Iterable[CancelToken] | None = None,
         global_memory: bool = False,
         shield: bool = False,
@@ -202,30 +295,73 @@ class LimitScope:
             memory, allocations, timeout, token, preempt = budget_arguments(
                 budget, memory, allocations, timeout, token, preempt
             )
-        # The checks skip a call for the common arguments (None, bools).
-        self._memory = None if memory is None else parse_size(memory, name="memory")
-        self._allocations = (
-            None if allocations is None else parse_size(allocations, name="allocations")
-        )
-        self._timeout = None if timeout is None else _parse_timeout(timeout)
+            # Checked already, by the Budget's constructor (and a token
+            # beside it by budget_arguments): a server makes a scope from
+            # the same budget for every request.
+            self._memory = memory
+            self._allocations = allocations
+            self._timeout = timeout
+            if token is None:
+                self._tokens = ()
+            elif isinstance(token, CancelToken):
+                self._tokens = (token,)
+            else:
+                self._tokens = tuple(token)
+        else:
+            # The checks skip a call for the common arguments (None, bools).
+            self._memory = None if memory is None else parse_size(memory, name="memory")
+            self._allocations = (
+                None
+                if allocations is None
+                else parse_size(allocations, name="allocations")
+            )
+            self._timeout = (
+                None if timeout is None else _parse_timeout(timeout, negative=True)
+            )
+            self._tokens = () if token is None else _parse_tokens(token)
+            if preempt is not None:
+                parse_preempt(preempt)  # checked now, read when a breach comes
+        self._deadline = math.inf
+        if deadline is not None:
+            if timeout is not None:
+                raise TypeError(
+                    "give timeout (seconds from entry) or deadline (a time on "
+                    "the loop's clock), not both"
+                )
+            self._deadline = _parse_deadline(deadline)
         if shield.__class__ is not bool:
             _require_bool(shield, "shield")
         if raise_on_breach.__class__ is not bool:
             _require_bool(raise_on_breach, "raise_on_breach")
         if global_memory is not False:
             _require_bool(global_memory, "global_memory")
-            self._global_memory = global_memory
-        # Set only when True (the class says False): every attribute name
-        # ever set on a scope widens the value array of every later one.
-        if shield:
-            self._shield = shield
-        if raise_on_breach:
-            self._raise_on_breach = raise_on_breach
-        if token is not None:
-            self._tokens = _parse_tokens(token)
-        if preempt is not None:
-            parse_preempt(preempt)  # checked now, read when a breach comes
-            self._preempt = preempt
+        self._shield = shield
+        self._raise_on_breach = raise_on_breach
+        self._global_memory = global_memory
+        self._preempt = preempt
+        self._state = _NEW
+        self._account = None
+        self._cancel_scope = None
+        self._loop = None
+        self._started_at = 0.0
+        self._breach = None
+        self._cancel_requested = False
+        self._cancel_reason = None
+        self._timeout_came_first = False
+        self._caught = False
+        self._expired = False
+        self._token_unregisters = ()
+        self._delivered = None
+        self._deferred = None
+        self._preempt_request = None
+        self._preempt_breach = None
+        self._preempted = 0
+        self._watched_deadline = math.inf
+        self._entry_frames = ()
+        self._thread_id = 0
+        self._shielding = False
+        self._adopted = None
+        self._sited_breach = None
 
     # ---- entering and leaving ----
 
@@ -264,6 +400,9 @@ class LimitScope:
         if timeout is not None:
             self._started_at = loop.time() if loop is not None else time.monotonic()
             self._deadline = self._started_at + timeout
+        elif self._deadline != math.inf:  # deadline= (or set before entry)
+            self._started_at = loop.time() if loop is not None else time.monotonic()
+            timeout = self._timeout = self._deadline - self._started_at
         cancel_scope: CancelScopeLike | None = None
         owned: CancelScopeLike | None = None  # entered here, exited on failure
         if loop is not None:
@@ -304,13 +443,14 @@ class LimitScope:
             if self._shield:
                 # A region for the scopes around (for preemption; anyio's
                 # shield does it for cancellation).
-                self._region_token = region_account.set(account)
+                self._shielding = True
+                shielded_accounts.add(account)
             # Last, so that only the body's allocations are charged.
             account.enter(listener)
         except BaseException:
-            if self._region_token is not None:
-                region_account.reset(self._region_token)  # type: ignore[arg-type]
-                self._region_token = None
+            if self._shielding:
+                shielded_accounts.discard(account)
+                self._shielding = False
             self._unwatch_tokens()
             unwatch_deadline(self)
             account.leave()  # closes it; nothing was made current
@@ -333,12 +473,17 @@ class LimitScope:
         # First, so that only the body's allocations are charged.
         record = self._account.leave()
         self._state = _EXITED
-        if self._region_token is not None:
-            region_account.reset(self._region_token)  # type: ignore[arg-type]
+        if self._shielding:
+            shielded_accounts.discard(self._account)
         if self._preempt_request is not None:
             self._preempt_request.close()
+            # It refers to this scope: kept, they would make a cycle (with
+            # the account, the breach and its sites) of every preempted
+            # scope, left for a full collection.
+            self._preempt_request = None
         if self._timeout is not None:
             unwatch_deadline(self)
+            self._expired = self._now() >= self._deadline
         if self._entry_frames:
             self._entry_frames = ()
         if self._tokens:
@@ -353,6 +498,7 @@ class LimitScope:
                 # trio strips its Cancelled out of an exception group and
                 # raises what is left: the breach is kept all the same.
                 self._breach = self._final_breach(breach, cancel_scope, True)
+                self._caught = cancel_scope.cancelled_caught
                 if not self._absorbs(left):
                     raise
                 suppressed = True
@@ -361,8 +507,16 @@ class LimitScope:
         if self._timeout is not None or breach is None:
             breach = self._final_breach(breach, cancel_scope, exc is not None)
         self._breach = breach
+        if suppressed and exc is not None:
+            self._caught = True
         if breach is not None and self._raise_on_breach and (exc is None or suppressed):
-            raise exception_for(breach) from None
+            if exc is None:
+                raise exception_for(breach) from None
+            # Chained to the cancellation, whose traceback shows where the
+            # body was when the limit fired (asyncio.timeout does the same).
+            raise exception_for(breach) from exc
+        if suppressed and exc is not None:
+            _drop_tracebacks(exc)
         return suppressed
 
     def _final_breach(
@@ -421,20 +575,25 @@ class LimitScope:
             self._loop.call_soon_threadsafe(self._cancel_for_breach)
         record = self._account.breach() if self._account is not None else None
         if record is not None:
-            self._arm(breach_from(record))
+            self._arm(self._meter_breach(record))
 
     def _cancel_for_breach(self) -> None:
         """Runs on the scope's own loop thread, between task steps."""
         record = self._account.breach() if self._account is not None else None
         if record is not None:
-            self._deliver(breach_from(record))
+            self._deliver(self._meter_breach(record))
 
     def _watch_tokens(self) -> None:
         """Cancel on any of the tokens; at once for one cancelled already."""
-        self._token_unregisters = tuple(
-            token.on_cancel(self._on_token) for token in self._tokens
-        )
-        for token in self._tokens:
+        tokens = self._tokens
+        on_token = self._on_token
+        if len(tokens) == 1:  # a request's token: one per scope, on a server
+            self._token_unregisters = (tokens[0].on_cancel(on_token),)
+        else:
+            self._token_unregisters = tuple(
+                token.on_cancel(on_token) for token in tokens
+            )
+        for token in tokens:
             if token.cancelled:
                 self._deliver(_token_breach(token.reason))
                 break
@@ -546,11 +705,19 @@ class LimitScope:
         """A breach that did not reach the loop (or there is no loop): the
         meter's record, else the first cancelled token."""
         if record is not None:
-            return breach_from(record)
+            return self._meter_breach(record)
         for token in self._tokens:
             if token.cancelled:
                 return _token_breach(token.reason)
         return None
+
+    def _meter_breach(self, record: tuple[int, int, int]) -> Breach:
+        """The breach the meter recorded (first limit only, so it never
+        changes), with the sites of the first moment it was asked for."""
+        breach = self._sited_breach
+        if breach is None:
+            breach = self._sited_breach = breach_from(record, self._account)
+        return breach
 
     def _timeout_breach(self, elapsed: float) -> Breach:
         assert self._timeout is not None
@@ -588,12 +755,155 @@ class LimitScope:
         if self._state == _ACTIVE and self._cancel_scope is not None:
             self._cancel_scope.cancel(reason)
 
+    def step_outside(self) -> None:
+        """Stop charging this scope in the current context, a copy of the
+        scope's own (a task or thread started inside it).
+
+        From this call on, allocations in this context are charged to the
+        scopes around this one, not to it, and a scope entered next is its
+        sibling rather than its child: a tool that gives every task a
+        budget of its own (``memlimits-async run``) calls it at the start of
+        a task started in another task's scope, so that the parent's budget
+        does not cover its children.  Cancelling the scope still reaches
+        tasks that its cancellation reaches (a task group's children).
+
+        :raises RuntimeError: if the scope is not open, not the innermost
+            scope current here, or this is the context that entered it
+            (where its exit must find it current).
+        """
+        account = self._account
+        if self._state != _ACTIVE or account is None:
+            raise RuntimeError("step_outside() needs an open limit_scope")
+        account.step_outside()
+
     @property
     def cancel_called(self) -> bool:
-        """True once :meth:`cancel` was called or a breach cancelled the scope."""
+        """True once :meth:`cancel` was called (also after exit, as in anyio
+        and trio), or a breach or the deadline cancelled the scope."""
+        if self._cancel_requested:
+            return True
         if self._cancel_scope is not None:
             return self._cancel_scope.cancel_called
-        return self._cancel_requested
+        return False
+
+    @property
+    def cancelled_caught(self) -> bool:
+        """True iff the scope's exit swallowed a cancellation that the scope
+        caused: :meth:`cancel`, a limit, the deadline or a token (anyio's and
+        trio's meaning).  Not when the body caught it and returned, nor when
+        an enclosing scope's cancellation went through.  With
+        ``raise_on_breach`` it is True when the swallowed cancellation was
+        turned into the :class:`LimitReached` raised."""
+        return self._caught
+
+    # ---- the deadline ----
+
+    def _clock(self) -> float:
+        """The clock a scope entered here would use: the running loop's, or
+        monotonic outside any task."""
+        if self._state != _NEW:
+            return self._now()
+        loop = current_loop_handle()
+        return loop.time() if loop is not None else time.monotonic()
+
+    @property
+    def deadline(self) -> float:
+        """When the scope is cancelled for its timeout, on the clock of the
+        loop that runs it (``loop.time()``, ``trio.current_time()``,
+        ``anyio.current_time()``; ``time.monotonic()`` for a scope outside
+        any task), or ``math.inf`` for never.
+
+        Settable before entry (instead of ``timeout=``) and while the body
+        runs: a deadline that has passed cancels the scope at once, a later
+        one postpones its timeout.  Before entry, a scope given a
+        ``timeout`` reports the deadline it would have if entered now."""
+        if self._state == _NEW and self._timeout is not None:
+            return self._clock() + self._timeout
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self._move_deadline(_parse_deadline(value))
+
+    @property
+    def relative_deadline(self) -> float:
+        """Seconds from now to the deadline, like trio's: before entry, the
+        timeout (counted from entry); ``math.inf`` for none.  Settable like
+        :attr:`deadline` (negative: expired already)."""
+        if self._state == _NEW:
+            if self._timeout is not None:
+                return self._timeout
+            return self._deadline - self._clock()
+        return self._deadline - self._now()
+
+    @relative_deadline.setter
+    def relative_deadline(self, value: float) -> None:
+        seconds = _parse_timeout(value, "relative_deadline", negative=True)
+        if self._state == _NEW:
+            self._timeout = seconds
+            self._deadline = math.inf
+            return
+        self._move_deadline(self._now() + seconds)
+
+    def _move_deadline(self, deadline: float) -> None:
+        if self._state == _NEW:
+            self._deadline = deadline
+            self._timeout = None
+            return
+        self._deadline = deadline
+        if self._state != _ACTIVE:
+            return  # kept, and meaning nothing, as in anyio and trio
+        now = self._now()
+        if self._timeout is None:
+            # Entered without a deadline: its timeout counts from now.
+            self._started_at = now
+        self._timeout = deadline - self._started_at
+        if self._cancel_scope is not None:
+            # The cancel scope cancels at once for a deadline passed already.
+            self._cancel_scope.deadline = deadline
+        request = self._preempt_request
+        if (
+            request is not None
+            and not request.fired
+            and deadline > now
+            and self._preempt_breach is not None
+            and self._preempt_breach.kind is BreachKind.TIMEOUT
+        ):
+            # The old deadline passed while the body ran without a
+            # checkpoint, and is moved later before its preemption landed:
+            # anyio's and trio's loops had no turn to cancel for it, so
+            # they never do; neither does the preemption that stands in
+            # for them.
+            request.close()
+            self._preempt_request = None
+            self._preempt_breach = None
+        if self._grace() is not None:
+            # Watched anew: the pair of the old deadline left in the heap no
+            # longer matches the scope's and is skipped (_preempt).
+            if deadline == math.inf:
+                unwatch_deadline(self)
+            else:
+                watch_deadline(self, time.monotonic() + (deadline - now))
+
+    # asyncio.Timeout's names for the same thing.
+
+    def when(self) -> float | None:
+        """The deadline, or None for none (``asyncio.Timeout.when``)."""
+        deadline = self.deadline
+        return None if deadline == math.inf else deadline
+
+    def reschedule(self, when: float | None) -> None:
+        """Move the deadline; None for none (``asyncio.Timeout.reschedule``).
+        Unlike asyncio's, also before entry and after the timeout fired."""
+        self._move_deadline(math.inf if when is None else _parse_deadline(when, "when"))
+
+    def expired(self) -> bool:
+        """True once the deadline has passed while the scope was active
+        (``asyncio.Timeout.expired``), whether or not that cut anything:
+        :attr:`breached` says whether the timeout stopped the body."""
+        if self._state == _ACTIVE:
+            return self._timeout is not None and self._now() >= self._deadline
+        return self._expired
 
     @property
     def breach(self) -> Breach | None:
@@ -617,6 +927,13 @@ class LimitScope:
             return usage_from(self._account.usage())
         return usage_from(self._account.usage_at_leave())
 
+    def snapshot(self) -> Snapshot:
+        """The scope's sampled allocation sites: live bytes (blocks charged
+        to it, or to scopes inside it, not freed yet) and allocated bytes,
+        by allocating stack; while it is active or after it exited (live
+        bytes then are those still held).  See docs/sites.md."""
+        return account_snapshot(self._account)
+
     @property
     def memory(self) -> int | None:
         """The live-bytes limit, in bytes, or None."""
@@ -629,12 +946,40 @@ class LimitScope:
 
     @property
     def timeout(self) -> float | None:
-        """The timeout in seconds, or None."""
+        """Seconds from entry to the deadline, or None without one: the
+        ``timeout`` given, or, once entered with a deadline or after it was
+        moved, the deadline minus the entry time (minus the time it was set,
+        for a scope entered without one; ``math.inf`` once a deadline it had
+        was removed with ``reschedule(None)`` or ``deadline = math.inf``)."""
         return self._timeout
 
     @property
     def shield(self) -> bool:
+        """Whether the body is protected from the cancellation of enclosing
+        scopes.  Settable while the body runs, as in anyio and trio:
+        lowering it lets a pending outer cancellation in at the next
+        checkpoint."""
         return self._shield
+
+    @shield.setter
+    def shield(self, value: bool) -> None:
+        if value.__class__ is not bool:
+            _require_bool(value, "shield")
+        self._shield = value
+        if self._state == _NEW:
+            if value:
+                self._adopted = None  # a shielded scope enters one of its own
+            return
+        if self._state != _ACTIVE or self._account is None:
+            return
+        if self._cancel_scope is not None:
+            self._cancel_scope.shield = value
+        if value and not self._shielding:
+            self._shielding = True
+            shielded_accounts.add(self._account)
+        elif not value and self._shielding:
+            self._shielding = False
+            shielded_accounts.discard(self._account)
 
     def __repr__(self) -> str:
         limits = [
@@ -649,6 +994,25 @@ class LimitScope:
         breach = self.breach
         status = self._state if breach is None else f"breached: {breach.reason}"
         return f"<LimitScope {' '.join(limits) or 'unlimited'} ({status})>"
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Forget the tracebacks of a cancellation this scope swallowed.
+
+    The body's frames, and so whatever it was building when the limit fired,
+    stay alive as long as the exception's traceback does, and the traceback
+    is often in a reference cycle: a worker thread's exception is kept by the
+    future that carried it, which a frame of that traceback holds (anyio's
+    ``run_sync_in_worker_thread``).  Such garbage waits for a collection that
+    allocating bytes does not trigger, so a server stopping 50 MiB requests
+    held gigabytes.  Nothing reads the swallowed exception after the scope
+    (its breach says what happened), so its traceback is dropped, which
+    frees the frames at once.  Its ``__context__`` is left alone: that may
+    be an exception the code around the scope is still handling."""
+    exc.__traceback__ = None
+    if isinstance(exc, BaseExceptionGroup):
+        for each in exc.exceptions:
+            _drop_tracebacks(each)
 
 
 def _frames_from(frame: FrameType | None) -> tuple[FrameType, ...]:

@@ -327,6 +327,14 @@ class SupervisorGaveUp(Exception):
         self.period = period
         self.history = history
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # As ChildCancelled's: args hold only the message.
+        return (
+            self.__class__,
+            (self.supervisor, self.max_restarts, self.period, self.history),
+            self.__dict__,
+        )
+
 
 class _Run:
     """One start of a child: its handle and how it was asked to stop."""

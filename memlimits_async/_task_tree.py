@@ -24,6 +24,12 @@ each keeps it in a structure of its own, read here and nowhere else:
 * trio: a task's ``_cancel_status`` and the scope's, and
   ``CancelStatus.encloses`` (anyio's trio scopes wrap trio's).
 
+Work handed to a worker thread belongs to the task that awaits it: what
+the work raises is raised there.  Inside the thread, anyio (asyncio
+backend) keeps the cancel scope the call runs under in a thread-local (its
+``_host_task`` awaits the call), and trio the task to wake with the result
+(:func:`worker_awaiter`).
+
 Where the structure is not what this module expects (a future release),
 :func:`scope_reaches` answers True, the behaviour before this check existed:
 preemption keeps working in the scope's own task, at the price of also
@@ -39,7 +45,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-__all__ = ["current_task_of", "root_frame", "scope_reaches"]
+__all__ = ["current_task_of", "root_frame", "scope_reaches", "worker_awaiter"]
 
 # Tasks between a task and the one that opened its group, at most: a chain
 # of task groups this deep is a bug or a cycle, not a program.
@@ -71,6 +77,28 @@ def root_frame(task: object) -> FrameType | None:
         else getattr(task, "coro", None)
     )
     return getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+
+
+def worker_awaiter() -> object | None:
+    """In a worker thread of anyio or trio, the task awaiting the call it
+    runs now; None in any other thread, when nothing awaits it any more
+    (abandoned on cancellation: its outcome is discarded), or when the
+    structure is not what this module expects."""
+    anyio_asyncio = sys.modules.get("anyio._backends._asyncio")
+    if anyio_asyncio is not None:
+        threadlocals = getattr(anyio_asyncio, "threadlocals", None)
+        cancel_scope = getattr(threadlocals, "current_cancel_scope", None)
+        if cancel_scope is not None:
+            task: object = getattr(cancel_scope, "_host_task", None)
+            return task
+    trio_threads = sys.modules.get("trio._threads")
+    if trio_threads is not None:
+        parent_data = getattr(trio_threads, "PARENT_TASK_DATA", None)
+        register = getattr(parent_data, "task_register", None)
+        if isinstance(register, list) and register:
+            task = register[0]
+            return task
+    return None
 
 
 def scope_reaches(cancel_scope: object, task: object) -> bool:

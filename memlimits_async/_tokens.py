@@ -22,6 +22,7 @@ half-way (left unraisable) and leave the deeper ones active.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from ._delivery import current_loop_handle, report_unraisable
 __all__ = ["CancelToken"]
 
 _CANCELLED: Final = "cancelled"
+# Keys of callbacks, unique across tokens (next() is atomic: one C call).
+_callback_keys: Final = itertools.count()
 
 
 class CancelToken:
@@ -44,13 +47,12 @@ class CancelToken:
     decision is made: another task, another thread, a signal handler.
     """
 
-    __slots__ = ("__weakref__", "_callbacks", "_keys", "_state")
+    __slots__ = ("__weakref__", "_callbacks", "_state")
 
     def __init__(self) -> None:
         # "cancelled" -> (winner, reason) once cancelled; set by setdefault.
         self._state: dict[str, tuple[object, str | None]] = {}
         self._callbacks: dict[int, Callable[[str | None], object]] = {}
-        self._keys = itertools.count()
 
     def cancel(self, reason: str | None = None) -> bool:
         """Cancel the token; True if this call did it, False if it already was.
@@ -92,7 +94,9 @@ class CancelToken:
         """The reason given to the first :meth:`cancel`, or None."""
         return self._state.get(_CANCELLED, (None, None))[1]
 
-    def on_cancel(self, callback: Callable[[str | None], object]) -> Callable[[], None]:
+    def on_cancel(
+        self, callback: Callable[[str | None], object]
+    ) -> Callable[[], object]:
         """Call ``callback(reason)`` once, when the token is cancelled (at once
         if it already is).  Returns a function that unregisters it.
 
@@ -102,11 +106,13 @@ class CancelToken:
         """
         if not callable(callback):
             raise TypeError("callback must be callable")
-        key = next(self._keys)
+        key = next(_callback_keys)
         self._callbacks[key] = callback
         if _CANCELLED in self._state:
             self._fire(key)  # cancelled meanwhile: whoever pops it runs it
-        return lambda: self._unregister(key)
+        # A partial of dict.pop: unregistering runs no Python frame (a
+        # server registers and unregisters one for every request).
+        return functools.partial(self._callbacks.pop, key, None)
 
     def child(self) -> CancelToken:
         """A token cancelled with this one, which can also be cancelled alone.
@@ -133,9 +139,6 @@ class CancelToken:
             await event.wait()
         finally:
             unregister()
-
-    def _unregister(self, key: int) -> None:
-        self._callbacks.pop(key, None)
 
     def _fire(self, key: int) -> None:
         callback = self._callbacks.pop(key, None)

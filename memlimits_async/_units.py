@@ -30,7 +30,7 @@ _SIZE_RE = re.compile(
 )
 
 
-def parse_size(value: object, *, name: str) -> int:
+def parse_size(value: object, *, name: str = "size") -> int:
     """Return ``value`` as a whole number of bytes.
 
     Accepts a non-negative integer (an int, or any integer type that
@@ -38,8 +38,9 @@ def parse_size(value: object, *, name: str) -> int:
     finite non-negative float (truncated), or a string of a number and an
     optional unit: B, kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB
     (powers of 1024), case-insensitive.  Underscores may group digits as in
-    Python literals (``"1_000_000"``).  Errors name the argument:
-    ``TypeError`` for a wrong type, ``ValueError`` for a bad value.
+    Python literals (``"1_000_000"``).  Errors name the argument ``name``
+    (``"size"`` unless given): ``TypeError`` for a wrong type,
+    ``ValueError`` for a bad value.
     """
     # Exact-type fast paths first: a scope parses its limits on every request.
     if value.__class__ is int:

@@ -21,7 +21,7 @@ def _scripts(page: str) -> list[str]:
 
 SCRIPTS = [
     pytest.param(page, index, script, id=f"{page}#{index}")
-    for page in ("recovering.md", "supervision.md")
+    for page in ("recovering.md", "supervision.md", "sites.md")
     for index, script in enumerate(_scripts(page))
 ]
 
@@ -29,6 +29,7 @@ SCRIPTS = [
 def test_the_guide_has_runnable_examples() -> None:
     assert len(_scripts("recovering.md")) >= 5
     assert len(_scripts("supervision.md")) >= 2
+    assert len(_scripts("sites.md")) >= 1
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

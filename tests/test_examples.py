@@ -15,8 +15,14 @@ def test_there_are_examples() -> None:
     assert EXAMPLES
 
 
+# Examples of an integration need its extra.
+NEEDS = {"dask_budgets.py": "distributed"}
+
+
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda path: path.name)
 def test_example_runs(script: Path) -> None:
+    if script.name in NEEDS:
+        pytest.importorskip(NEEDS[script.name])
     result = run_python(str(script))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
@@ -105,3 +111,26 @@ def test_supervised_workers_restart_the_leaky_jobs_worker_alone(backend: str) ->
         "summary: 23 of 24 jobs finished, each once; stopped by a budget: job 13; "
         f"restarted: {worker} x1"
     )
+
+
+def test_dask_example_stops_the_leak_and_the_cancelled_task() -> None:
+    pytest.importorskip("distributed")
+    script = next(path for path in EXAMPLES if path.name == "dask_budgets.py")
+    result = run_python(str(script))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "batch: 328350 (sum of 100 squares)"
+    assert lines[1].startswith("leak: stopped: ")
+    assert "memory limit of 64 MiB exceeded" in lines[1]
+    assert lines[2] == "neighbour: finished, 100 MiB churned"
+    peak = float(lines[3].removeprefix("worker RSS peak: ").split()[0])
+    assert peak < 819  # the worker's pause threshold, in MiB
+    assert lines[4].startswith("runaway: cancelled, its finally ran ")
+    assert lines[5] == "next task ran in the freed thread: True"
+    stopped = [line.split() for line in lines[7:-1]]
+    assert sorted(line[:2] for line in stopped) == [
+        ["leak", "breached"],
+        ["runaway", "cancelled"],
+        ["runaway", "cancelled"],
+    ]
+    assert lines[-1] == "events logged under 'memlimits_async': 3"

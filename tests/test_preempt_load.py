@@ -8,8 +8,10 @@ load), and none measures time: they count what was done.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
+import subprocess
 import sys
 import threading
 import time
@@ -162,6 +164,25 @@ def test_deadline_heap_keeps_only_live_scopes() -> None:
         time.sleep(0.05)
     assert len(_preempt._deadline_heap) + len(_preempt._deadline_inbox) <= 64
     assert not _preempt._deadlines
+
+
+def test_exited_scopes_never_reach_the_deadline_heap() -> None:
+    # A server enters and exits thousands of scopes with a timeout between
+    # two ticks: their pairs are dropped as the inbox is taken, not pushed
+    # into the heap (which held the GIL for milliseconds at every tick).
+    inbox: collections.deque[tuple[float, int]] = collections.deque()
+    live: dict[int, ml.LimitScope] = {}
+    heap: list[tuple[float, int]] = []
+    waiting = ml.limit_scope(timeout=3600)
+    waiting._watched_deadline = 100.0
+    live[id(waiting)] = waiting
+    inbox.append((100.0, id(waiting)))
+    inbox.extend((float(i), i) for i in range(10_000))  # exited: not in live
+    # Rescheduled since: only its newer pair stands.
+    inbox.appendleft((50.0, id(waiting)))
+    _preempt.take_deadline_inbox(inbox, heap, live)
+    assert heap == [(100.0, id(waiting))]
+    assert not inbox
 
 
 # ---- 3. uvloop: a loop that drives tasks from C ----
@@ -439,3 +460,51 @@ def test_user_arguments_never_break_the_decision() -> None:
         with ml.limit_scope(timeout=0.02, preempt=0) as scope:
             process(Unequal(), RUN_FOR)
         assert scope.breach is not None and scope._preempted
+
+
+# ---- an event loop inside a sync scope: its machinery is never preempted ----
+
+
+@pytest.fixture
+def both_cores_busy() -> Iterator[None]:
+    """Two processes spinning beside the test, as in the runs that found it."""
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(2)
+    ]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_sync_scope_around_an_event_loop_never_preempts_the_loop_itself(
+    backend: str, both_cores_busy: None
+) -> None:
+    # A sync scope around anyio.run (as a test runner puts one): its body is
+    # the whole event loop, code outside any task, preempted wherever it
+    # runs once the grace has passed.  It landed in plain functions that
+    # trio's scheduler called between task steps (a dict's __contains__,
+    # for its instruments): TrioInternalError, "Nursery misnesting", broken
+    # nurseries and epoll object (99 such errors in 20 runs).  It lands in
+    # the tasks' own code.
+    async def hog() -> None:
+        held: list[bytes] = []
+
+        async def worker() -> None:
+            while True:  # the scheduler runs between every two allocations
+                held.append(bytes(256))
+                await anyio.sleep(0)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(worker)
+
+    for _ in range(8):
+        with ml.limit_scope(memory="8 MiB") as scope:
+            anyio.run(hog, backend=backend)
+        assert scope.breach is not None
+        assert scope.breach.kind is ml.BreachKind.MEMORY
+    anyio.run(anyio.sleep, 0, backend=backend)  # and the next run works

@@ -4,6 +4,7 @@ allocator hooks, and fork."""
 from __future__ import annotations
 
 import os
+import subprocess
 from textwrap import dedent
 
 import pytest
@@ -39,6 +40,14 @@ print("ok")
 )
 
 
+def prints_ok(*args: str) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter run with ``args``, which exited 0 and printed "ok"."""
+    result = run_python(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok", result.stderr
+    return result
+
+
 @pytest.mark.parametrize("mode", ["PYTHONMALLOC=debug", "-X dev"])
 def test_composes_with_cpython_debug_allocator_hooks(
     mode: str, monkeypatch: pytest.MonkeyPatch
@@ -48,9 +57,7 @@ def test_composes_with_cpython_debug_allocator_hooks(
         args = ["-X", "dev", *args]
     else:
         monkeypatch.setenv("PYTHONMALLOC", "debug")
-    result = run_python(*args)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    prints_ok(*args)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -68,9 +75,28 @@ def test_child_of_fork_meters_and_delivers() -> None:
         print("ok")
         """
     )
-    result = run_python("-W", "ignore::DeprecationWarning", "-c", code)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    prints_ok("-W", "ignore::DeprecationWarning", "-c", code)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_outside_any_scope_after_one_says_nothing() -> None:
+    # The delivery thread ran (a scope of a task, now exited), and the fork
+    # comes from a context where no scope was ever current, as a
+    # ProcessPoolExecutor's or multiprocessing's fork does: the child's
+    # at-fork hook used to print "Exception ignored ... LookupError".
+    code = LEAK + dedent(
+        """
+        assert anyio.run(leak).breached
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        print("ok")
+        """
+    )
+    result = prints_ok("-W", "ignore::DeprecationWarning", "-c", code)
+    assert "Exception ignored" not in result.stderr, result.stderr
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -122,9 +148,7 @@ def test_sync_scope_breach_is_not_queued_for_delivery() -> None:
         print("ok")
         """
     )
-    result = run_python("-c", code)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    prints_ok("-c", code)
 
 
 # Every child arms an alarm, so that one that hangs dies, with a traceback,
@@ -181,11 +205,7 @@ def test_child_never_hangs_when_an_inherited_scope_breaches() -> None:
     # the child was starting its delivery thread under a lock, armed a
     # timer that started it again: the pending call waited for that lock
     # for ever (status -14, SIGALRM, at about a quarter of the limits).
-    result = run_python(
-        "-W", "ignore::DeprecationWarning", "-c", FORK_INSIDE_A_BREACHING_SCOPE
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok", result.stderr
+    prints_ok("-W", "ignore::DeprecationWarning", "-c", FORK_INSIDE_A_BREACHING_SCOPE)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -213,6 +233,4 @@ def test_inherited_scope_preempts_the_child() -> None:
         print("ok")
         """
     )
-    result = run_python("-W", "ignore::DeprecationWarning", "-c", code)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    prints_ok("-W", "ignore::DeprecationWarning", "-c", code)

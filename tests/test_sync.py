@@ -12,7 +12,10 @@ from helpers import KIB, MIB
 
 
 def test_sync_scope_reports_memory_breach_at_exit() -> None:
-    with ml.limit_scope(memory="2 MiB") as scope:
+    # preempt=False: a body twice past its limit is otherwise preempted as
+    # soon as the delivery thread polls (the overrun rule), which a slow
+    # build or a busy machine lets happen before the list is done.
+    with ml.limit_scope(memory="2 MiB", preempt=False) as scope:
         held = [bytes(KIB) for _ in range(4096)]  # ~4 MiB, never interrupted
     assert len(held) == 4096
     assert scope.breach is not None and scope.breach.kind is ml.BreachKind.MEMORY

@@ -168,3 +168,12 @@ def test_underscores_follow_python_literal_rules(text: str) -> None:
         float(text.removesuffix(" MiB"))
     with pytest.raises(ValueError, match=r"allocations.*underscore"):
         parse_size(text, name="allocations")
+
+
+def test_parse_size_without_a_name() -> None:
+    # The public function is called as documented, without naming an
+    # argument (issue 17): errors then speak of "size".
+    assert parse_size("24 MB") == 24_000_000
+    assert parse_size(4096) == 4096
+    with pytest.raises(ValueError, match="size"):
+        parse_size("24 MBs")

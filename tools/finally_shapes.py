@@ -3,11 +3,14 @@
 CPython 3.11-3.13 check for interrupts at a loop's back edge, and for some
 shapes the back edge lies outside the `try` (or `with`) around the loop
 (cpython#108214, #130279): an exception raised there skips the `finally`.
-memlimits_async refuses to land where that would happen, so such a loop is
-stopped at another check (a call in its body) or, if it has none, not
-preemptively at all.  This script runs each shape under a breached scope,
-on the main thread and in a worker thread, and prints what happened; the
-table in docs/preemption.md comes from it.
+memlimits_async refuses to land where that would happen.  On the main
+thread (and in other threads on 3.11) it lands at the interpreter's own
+checks, so such a loop is stopped at another check (a call in its body) or,
+if it has none, not preemptively at all; in other threads on 3.12 and later
+it lands at the first instruction of a line or the head of a loop, where
+the handler in force is known (docs/preemption.md).  This script runs each
+shape under a breached scope, on the main thread and in a worker thread,
+and prints what happened; the table in docs/preemption.md comes from it.
 
     python tools/finally_shapes.py          # this interpreter
 """
@@ -40,6 +43,18 @@ def shape_statement_before_loop() -> None:
         while x < LIMIT * 50:
             x += 1
     finally:
+        log.append("finally")
+
+
+def shape_condition_loop() -> None:
+    flag = {"stop": False}
+    timer = threading.Timer(1.0, flag.update, kwargs={"stop": True})
+    timer.start()
+    try:
+        while not flag["stop"]:
+            pass
+    finally:
+        timer.cancel()
         log.append("finally")
 
 
@@ -78,6 +93,7 @@ def shape_with_loop_first() -> None:
 SHAPES = {
     "try: while <no call>: x += 1": shape_loop_first,
     "try: x = 1; while <no call>: ...": shape_statement_before_loop,
+    "try: while not flag[k]: pass (2 lines)": shape_condition_loop,
     "try: while ...: x += abs(1)": shape_call_in_loop,
     "try: for _ in range(n): pass": shape_for_range,
     "with cm: while <no call>: ...": shape_with_loop_first,

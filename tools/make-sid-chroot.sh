@@ -32,7 +32,9 @@ export MEMLIMITS_SID_CHROOT=$root
 # git: tools/check-native.sh copies the working tree by asking git for it.
 required=(python3.14 python3.14-dev python3.14-venv
     python3.15 python3.15-dev python3.15-venv gcc libc6-dev git)
-optional=(python3.14-dbg python3.15-dbg python3.14-nogil python3.15-nogil)
+# tmux: tests/test_cli.py drives `memlimits-async top PID` in it (3.14's
+# sys.remote_exec attach).
+optional=(python3.14-dbg python3.15-dbg python3.14-nogil python3.15-nogil tmux)
 # Changing either list changes the recipe, and the next run installs the
 # difference into the existing chroot.
 recipe="recipe 2: ${required[*]} | optional: ${optional[*]}"

@@ -96,6 +96,7 @@ account_decref(account_t *a)
     /* Iterative so that a long chain of closed accounts cannot recurse. */
     while (a != NULL && --a->refcnt == 0) {
         account_t *parent = a->parent;
+        sites_counts_free(a->sites);
         free(a);
         accounts_live--;
         a = parent;

@@ -1,5 +1,5 @@
-/* The sampled-block table: pointer -> (account, weight) for every sampled
- * block charged to an account and not yet freed.
+/* The sampled-block table: pointer -> (account, weight, traceback) for
+ * every sampled block charged to an account and not yet freed.
  *
  * Open addressing with linear probing and backward-shift deletion (no
  * tombstones), load kept at or below 1/2.  Storage comes from libc calloc,
@@ -62,21 +62,32 @@ grow(void)
     return 0;
 }
 
+void
+blocks_release(block_t *block)
+{
+    account_credit(block->account, block->weight);
+    account_decref(block->account);
+    traceback_decref(block->tb);
+}
+
 int
-blocks_insert(uintptr_t ptr, account_t *account, int64_t weight)
+blocks_insert(uintptr_t ptr, account_t *account, int64_t weight,
+              traceback_t *tb, int64_t mean)
 {
     block_t stale;
     if (blocks_take(ptr, &stale)) {
         /* Its free was never seen (made outside the main interpreter, or
          * with no thread state): that block is gone, its address reused. */
-        account_credit(stale.account, stale.weight);
-        account_decref(stale.account);
+        blocks_release(&stale);
     }
     if ((size_t)(blocks_count + 1) * 2 > capacity && grow() < 0) {
         return -1;  /* out of memory: the sample is dropped by the caller */
     }
-    block_t entry = {ptr, account, weight};
+    block_t entry = {ptr, account, weight, tb, mean};
     account_incref(account);
+    if (tb != NULL) {
+        tb->refcnt++;
+    }
     place(table, capacity - 1, &entry);
     blocks_count++;
     uint8_t *counter = &blocks_filter[blocks_filter_index(ptr)];
@@ -121,6 +132,7 @@ blocks_take(uintptr_t ptr, block_t *out)
     }
     table[hole].ptr = 0;
     table[hole].account = NULL;
+    table[hole].tb = NULL;
     blocks_count--;
     uint8_t *counter = &blocks_filter[blocks_filter_index(ptr)];
     if (*counter != UINT8_MAX) {
@@ -134,16 +146,26 @@ blocks_forget_all(void)
 {
     for (size_t i = 0; i < capacity; i++) {
         if (table[i].ptr != 0) {
-            account_t *account = table[i].account;
-            int64_t weight = table[i].weight;
+            block_t block = table[i];
             table[i].ptr = 0;
             table[i].account = NULL;
-            account_credit(account, weight);
-            account_decref(account);
+            table[i].tb = NULL;
+            blocks_release(&block);
         }
     }
     blocks_count = 0;
     memset(blocks_filter, 0, sizeof(blocks_filter));
+}
+
+int
+blocks_foreach(int (*fn)(const block_t *block, void *arg), void *arg)
+{
+    for (size_t i = 0; i < capacity; i++) {
+        if (table[i].ptr != 0 && fn(&table[i], arg) < 0) {
+            return -1;
+        }
+    }
+    return 0;
 }
 
 Py_ssize_t

@@ -53,15 +53,21 @@ static uint64_t stat_reinstalls = 0;
  * is this thread's attached thread state, NULL while it has released the
  * GIL.  (Not PyGILState_Check(): it answers 1 for every thread once a
  * subinterpreter has been created.) */
-static inline int
-holds_main_gil(void)
+static inline PyThreadState *
+current_tstate(void)
 {
 #if PY_VERSION_HEX >= 0x030D0000
     /* Public from 3.13; the underscored name is deprecated from 3.14. */
-    PyThreadState *ts = PyThreadState_GetUnchecked();
+    return PyThreadState_GetUnchecked();
 #else
-    PyThreadState *ts = _PyThreadState_UncheckedGet();
+    return _PyThreadState_UncheckedGet();
 #endif
+}
+
+static inline int
+holds_main_gil(void)
+{
+    PyThreadState *ts = current_tstate();
 #if PY_VERSION_HEX < 0x030C0000
     if (ts != PyGILState_GetThisThreadState()) {
         return 0;
@@ -156,12 +162,27 @@ sample(thread_meter_t *t, void *ptr, size_t size, int64_t overshoot)
         }
         account = &global_root;  /* counts toward the global limit */
     }
-    if (blocks_insert((uintptr_t)ptr, account, weight) < 0) {
+    /* The stack is read only now, for a sample that is kept: never on the
+     * fast path, never for a sample nobody is charged. */
+    traceback_t *tb = sites_traceback_limit ? sites_capture(current_tstate())
+                                            : NULL;
+    int64_t mean = t->mean <= 1 ? 1 : t->mean;
+    if (blocks_insert((uintptr_t)ptr, account, weight, tb, mean) < 0) {
+        traceback_decref(tb);
         stat_dropped++;
         return;
     }
     stat_samples++;
     account_charge(account, weight);
+    if (tb != NULL) {
+        /* Variance of a Poisson-sampled byte count: each mark is worth R
+         * bytes, so Var = R * weight (zero when exact). */
+        double var = mean > 1 ? (double)weight * (double)mean : 0.0;
+        for (account_t *a = account; a != NULL; a = a->parent) {
+            sites_count(a, tb, weight, var);
+        }
+        traceback_decref(tb);
+    }
 }
 
 /* Inside our own slow path (or Account.enter/leave) nothing is metered: a
@@ -183,8 +204,7 @@ meter_forget(void *ptr)
         return;
     }
     if (blocks_take((uintptr_t)ptr, &block)) {
-        account_credit(block.account, block.weight);
-        account_decref(block.account);
+        blocks_release(&block);
     }
     else {
         blocks_note_false_positive();
@@ -259,13 +279,15 @@ meter_realloc_slow(meter_realloc_fn below, void *ctx, thread_meter_t *t,
     void *new_ptr = below(ctx, ptr, size);
     if (had_record) {
         if (new_ptr == NULL
-            && blocks_insert((uintptr_t)ptr, old.account, old.weight) == 0) {
+            && blocks_insert((uintptr_t)ptr, old.account, old.weight, old.tb,
+                             old.mean) == 0) {
             /* Failed: the old block is still there, and still charged. */
+            account_decref(old.account);
+            traceback_decref(old.tb);
         }
         else {
-            account_credit(old.account, old.weight);
+            blocks_release(&old);
         }
-        account_decref(old.account);
     }
     /* A realloc is charged its whole new size, like tracemalloc: it may move
      * and copy the block, and the old size is unknown for unsampled blocks. */
@@ -485,5 +507,7 @@ hooks_stats(PyObject *dict)
     SET_STAT(dict, "configured_sampling_interval", sampler_configured());
     SET_STAT(dict, "min_adaptive_interval", sampler_min_adaptive_interval());
     SET_STAT(dict, "samples_per_limit", sampler_samples_per_limit());
+    SET_STAT(dict, "traceback_limit", sites_traceback_limit);
+    SET_STAT(dict, "tracebacks", sites_tracebacks());
     return 0;
 }

@@ -77,9 +77,14 @@ meter_add_clamped(int64_t a, int64_t b)
  * Python code.  References are held by: the Python Account object, every
  * child account (parent link), every sampled block charged to it, and the
  * breach queue while it is queued. */
+struct site_counts;
+
 typedef struct account {
     Py_ssize_t refcnt;
     struct account *parent;
+    /* Allocated bytes by allocating stack (sites.c), NULL until the first
+     * sample with a stack; freed with the account. */
+    struct site_counts *sites;
     int64_t allocated;       /* cumulative bytes allocated (estimate) */
     int64_t live;            /* bytes of sampled blocks not yet freed */
     int64_t peak_live;
@@ -91,6 +96,8 @@ typedef struct account {
     uint8_t global_participant;  /* may be stopped by the global memory limit */
     uint8_t interrupted;         /* a breach was delivered to its scope */
     uint8_t breach_kind;         /* first breach only; sticky */
+    uint32_t entered_slot;       /* 1 + its place in the registry of entered
+                                    accounts (module.c), 0 when not entered */
     void *owner;             /* AccountObject waiting for breaches (borrowed;
                                 set by enter(listener), cleared by leave) */
     int64_t breach_limit;
@@ -151,6 +158,10 @@ void sampler_set_configured(int64_t interval);
 int64_t sampler_configured(void);
 void sampler_limit_opened(int64_t limit);
 void sampler_limit_closed(int64_t limit);
+/* A profiler asks for a mean interval of at most `interval` bytes while it
+ * runs (process-wide: countdowns are per thread, not per scope). */
+void sampler_request_opened(int64_t interval);
+void sampler_request_closed(int64_t interval);
 /* Let R rise again if the smallest limits have closed (GIL); the _if_due
  * variant does so at most every 0.25 s. */
 void sampler_relax(void);
@@ -168,11 +179,94 @@ int64_t sampler_extra_marks(thread_meter_t *t, int64_t overshoot);
 int64_t sampler_min_adaptive_interval(void);
 int64_t sampler_samples_per_limit(void);
 
+/* ---- allocation sites (frames.c, sites.c) ----
+ * At each sample (never on the fast path) the allocating Python stack is
+ * read (frames.c: without allocating, see there why and how) and interned
+ * in a table of tracebacks, so that a stack seen again costs a hash and a
+ * compare.  A traceback is counted by reference from every sampled block
+ * that carries it and every per-account site entry: integers only, so a
+ * free never runs Python.  Tracebacks nobody references are released by
+ * sites_collect(), outside any hook (their code objects' references are
+ * dropped there). */
+typedef struct {
+    PyCodeObject *code;  /* strong reference, once interned */
+    int lineno;
+} site_frame_t;
+
+typedef struct traceback {
+    Py_uhash_t hash;
+    Py_ssize_t refcnt;
+    uint16_t nframe;
+    uint8_t truncated;   /* the stack had more frames than the limit */
+    site_frame_t frames[];  /* innermost first */
+} traceback_t;
+
+#define SITES_MAX_TRACEBACK_LIMIT 1000
+#define SITES_DEFAULT_TRACEBACK_LIMIT 16
+
+extern int sites_traceback_limit;   /* 0: capture off */
+/* Up to `max` frames of tstate's Python stack, innermost first; *more is set
+ * if frames were left out. */
+int frames_capture(PyThreadState *tstate, site_frame_t *out, int max,
+                   int *more);
+/* The interned stack of the running thread (a new reference), or NULL when
+ * capture is off or memory ran out.  GIL of the main interpreter held. */
+traceback_t *sites_capture(PyThreadState *tstate);
+static inline void
+traceback_decref(traceback_t *tb)
+{
+    if (tb != NULL) {
+        tb->refcnt--;
+    }
+}
+/* Count `weight` allocated bytes (variance `var`) against tb in a's table. */
+void sites_count(account_t *a, traceback_t *tb, int64_t weight, double var);
+void sites_counts_free(struct site_counts *counts);
+/* Release unreferenced tracebacks (GIL, outside hooks); the _if_due variant
+ * only when the table has doubled since the last collection. */
+void sites_collect(void);
+void sites_collect_if_due(void);
+Py_ssize_t sites_tracebacks(void);
+
+/* One aggregated site: what snapshots are built from. */
+typedef struct {
+    uintptr_t group;     /* 0, or which group (process snapshots) */
+    traceback_t *tb;     /* a reference held while the entry exists */
+    int64_t bytes;
+    int64_t samples;
+    double var;          /* estimated variance of `bytes` */
+} site_entry_t;
+
+typedef struct {
+    site_entry_t *entries;  /* open addressing on (group, tb); tb NULL = free */
+    size_t capacity;
+    size_t count;
+    /* Set by site_agg_sort_by_group(): entries[0..count) are then in group
+     * order (no longer a hash table: nothing may be added). */
+    int sorted;
+} site_agg_t;
+
+int site_agg_add(site_agg_t *agg, uintptr_t group, traceback_t *tb,
+                 int64_t bytes, int64_t samples, double var);
+void site_agg_clear(site_agg_t *agg);
+/* Add every entry of a's allocated-bytes table to agg under `group`. */
+int sites_agg_account(site_agg_t *agg, account_t *a, uintptr_t group);
+/* (frames, truncated, bytes, samples, var) tuples for the entries of agg
+ * in `group`; frames are ((filename, lineno, qualname), ...) innermost
+ * first.  `cache` (a dict) maps tracebacks already converted. */
+PyObject *sites_agg_to_list(site_agg_t *agg, uintptr_t group, PyObject *cache);
+/* Put the entries in group order, so that sites_agg_to_list() reads only
+ * the group's own entries (a process snapshot asks for every open scope's
+ * group: a scan of the whole table for each was quadratic). */
+void site_agg_sort_by_group(site_agg_t *agg);
+
 /* ---- sampled blocks (blocks.c) ---- */
 typedef struct {
     uintptr_t ptr;       /* 0 = empty slot */
     account_t *account;  /* strong reference */
     int64_t weight;
+    traceback_t *tb;     /* a reference, or NULL (capture off) */
+    int64_t mean;        /* the interval it was sampled with (1: exact) */
 } block_t;
 
 extern Py_ssize_t blocks_count;
@@ -193,7 +287,12 @@ blocks_maybe_tracked(const void *ptr)
     return blocks_count != 0 && blocks_filter[blocks_filter_index((uintptr_t)ptr)];
 }
 
-int blocks_insert(uintptr_t ptr, account_t *account, int64_t weight);
+int blocks_insert(uintptr_t ptr, account_t *account, int64_t weight,
+                  traceback_t *tb, int64_t mean);
+/* Call fn on every record (no record may be added or taken meanwhile). */
+int blocks_foreach(int (*fn)(const block_t *block, void *arg), void *arg);
+/* Release a record taken out with blocks_take: credit and drop references. */
+void blocks_release(block_t *block);
 /* Remove ptr's record; on success fills *out (the caller owns the reference). */
 int blocks_take(uintptr_t ptr, block_t *out);
 /* Forget every record, crediting the accounts (used after re-hooking). */
@@ -248,9 +347,14 @@ PyObject *interrupts_set_handler(PyObject *module, PyObject *const *args,
 PyObject *interrupts_call_on_main_thread(PyObject *module, PyObject *unused);
 PyObject *interrupts_async_raise(PyObject *module, PyObject *const *args,
                                  Py_ssize_t nargs);
+PyObject *interrupts_disarm(PyObject *module, PyObject *unused);
 PyObject *interrupts_raise_in_thread_at(PyObject *module, PyObject *const *args,
                                         Py_ssize_t nargs);
 PyObject *interrupts_thread_context(PyObject *module, PyObject *thread_id);
+PyObject *interrupts_monitor_arm(PyObject *module, PyObject *const *args,
+                                 Py_ssize_t nargs);
+PyObject *interrupts_monitor_event(PyObject *module, PyObject *const *args,
+                                   Py_ssize_t nargs);
 void interrupts_after_fork_child(void);
 
 /* Account object (module.c): the ContextVar holds one of these. */

@@ -12,6 +12,45 @@ static PyObject *current_account_var = NULL;
 
 static PyObject *breach_record(account_t *a);
 
+/* The accounts between enter() and leave(), for whole-process snapshots
+ * (borrowed: an object leaves the registry before it can be freed).  libc
+ * storage; an account knows its place (entered_slot), so that leaving costs
+ * a swap with the last one. */
+static AccountObject **entered = NULL;
+static size_t entered_count = 0;
+static size_t entered_capacity = 0;
+
+static int
+registry_add(AccountObject *self)
+{
+    if (entered_count == entered_capacity) {
+        size_t capacity = entered_capacity ? entered_capacity * 2 : 64;
+        AccountObject **grown = realloc(entered, capacity * sizeof(*grown));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        entered = grown;
+        entered_capacity = capacity;
+    }
+    entered[entered_count++] = self;
+    self->account->entered_slot = (uint32_t)entered_count;
+    return 0;
+}
+
+static void
+registry_remove(AccountObject *self)
+{
+    uint32_t slot = self->account->entered_slot;
+    if (slot == 0) {
+        return;
+    }
+    AccountObject *last = entered[--entered_count];
+    entered[slot - 1] = last;
+    last->account->entered_slot = slot;
+    self->account->entered_slot = 0;
+}
+
 static int
 parse_limit(PyObject *value, const char *name, int64_t *out)
 {
@@ -131,6 +170,7 @@ Account_clear(AccountObject *self)
 {
     if (self->account != NULL) {
         self->account->owner = NULL;
+        registry_remove(self);
     }
     Py_CLEAR(self->listener);
     Py_CLEAR(self->previous);
@@ -174,11 +214,16 @@ Account_enter(AccountObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (PyContextVar_Get(current_account_var, NULL, &previous) < 0) {
         return NULL;
     }
+    if (registry_add(self) < 0) {
+        Py_XDECREF(previous);
+        return NULL;
+    }
     meter_tls.depth++;
     PyObject *token = PyContextVar_Set(current_account_var, (PyObject *)self);
     Py_XDECREF(token);
     meter_tls.depth--;
     if (token == NULL) {
+        registry_remove(self);
         Py_XDECREF(previous);
         return NULL;
     }
@@ -228,6 +273,7 @@ Account_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
             return NULL;
         }
         Py_CLEAR(self->previous);
+        registry_remove(self);
     }
     account_t *a = self->account;
     a->owner = NULL;
@@ -237,6 +283,119 @@ Account_leave(AccountObject *self, PyObject *Py_UNUSED(ignored))
     self->left_usage[1] = a->live;
     self->left_usage[2] = a->peak_live;
     return breach_record(a);
+}
+
+/* ---- allocation sites ---- */
+
+static inline double
+block_var(const block_t *b)
+{
+    return b->mean > 1 ? (double)b->weight * (double)b->mean : 0.0;
+}
+
+typedef struct {
+    site_agg_t *agg;
+    account_t *within;  /* only blocks charged to it (by_group == 0) */
+    int by_group;       /* group by the innermost entered account */
+} live_visit_t;
+
+static int
+live_visit(const block_t *b, void *arg)
+{
+    live_visit_t *v = arg;
+    if (b->tb == NULL) {
+        return 0;
+    }
+    uintptr_t group = 0;
+    if (v->by_group) {
+        for (account_t *a = b->account; a != NULL; a = a->parent) {
+            if (a->entered_slot != 0) {
+                group = (uintptr_t)a;
+                break;
+            }
+        }
+    }
+    else {
+        account_t *a = b->account;
+        while (a != NULL && a != v->within) {
+            a = a->parent;
+        }
+        if (a == NULL) {
+            return 0;
+        }
+    }
+    return site_agg_add(v->agg, group, b->tb, b->weight, 1, block_var(b));
+}
+
+/* The raw data is copied out first, with no Python object made (so that
+ * no Python code, which might allocate, free or collect, runs while the
+ * meter's tables are read); the lists are built from the copies, unmetered
+ * (a snapshot is not charged to the scope it looks at). */
+static PyObject *
+Account_sites(AccountObject *self, PyObject *Py_UNUSED(ignored))
+{
+    site_agg_t live = {0}, allocated = {0};
+    PyObject *cache = NULL, *live_list = NULL, *allocated_list = NULL;
+    PyObject *result = NULL;
+    live_visit_t visit = {&live, self->account, 0};
+    if (blocks_foreach(live_visit, &visit) < 0
+        || sites_agg_account(&allocated, self->account, 0) < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    meter_tls.depth++;
+    cache = PyDict_New();
+    if (cache != NULL
+        && (live_list = sites_agg_to_list(&live, 0, cache)) != NULL
+        && (allocated_list = sites_agg_to_list(&allocated, 0, cache)) != NULL) {
+        result = PyTuple_Pack(2, live_list, allocated_list);
+    }
+    meter_tls.depth--;
+done:
+    site_agg_clear(&live);
+    site_agg_clear(&allocated);
+    Py_XDECREF(cache);
+    Py_XDECREF(live_list);
+    Py_XDECREF(allocated_list);
+    return result;
+}
+
+/* For a task started inside the account's scope (a copy of its context):
+ * from now on this context charges what was current before enter(), so the
+ * task's own scope, entered next, is a sibling of this one, not a child.
+ * Never where it was entered: its leave() must find it current there. */
+static PyObject *
+Account_step_outside(AccountObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->previous == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this account is not entered");
+        return NULL;
+    }
+    PyObject *current = NULL;
+    if (PyContextVar_Get(current_account_var, NULL, &current) < 0) {
+        return NULL;
+    }
+    Py_XDECREF(current);  /* only its identity is used */
+    if (current != (PyObject *)self) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this account is not the innermost one current here");
+        return NULL;
+    }
+    if (PyThreadState_Get()->context == self->entered_in) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "step_outside() must run in a copy of the context "
+                        "that entered the account (a task or thread started "
+                        "inside it), not in that context itself");
+        return NULL;
+    }
+    meter_tls.depth++;
+    PyObject *token = PyContextVar_Set(current_account_var, self->previous);
+    Py_XDECREF(token);
+    meter_tls.depth--;
+    if (token == NULL) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -324,6 +483,12 @@ static PyMethodDef Account_methods[] = {
      "interrupted() is True in its context until it is left."},
     {"is_within", (PyCFunction)Account_is_within, METH_O,
      "is_within(account) -> True if account is this one or an ancestor."},
+    {"sites", (PyCFunction)Account_sites, METH_NOARGS,
+     "sites() -> (live, allocated): lists of (frames, truncated, bytes,\n"
+     "samples, variance) by allocating stack, for the blocks charged to\n"
+     "this account (or its descendants) and still alive, and for every\n"
+     "sample charged to it; frames are ((filename, lineno, qualname), ...)\n"
+     "innermost first."},
     {"usage", (PyCFunction)Account_usage, METH_NOARGS,
      "usage() -> (allocated, live, peak_live): estimated bytes."},
     {"breach", (PyCFunction)Account_breach, METH_NOARGS,
@@ -338,6 +503,9 @@ static PyMethodDef Account_methods[] = {
      "account:\n"
      "it keeps counting the blocks charged to it, and never breaches again.\n"
      "Its usage at this moment stays available from usage_at_leave()."},
+    {"step_outside", (PyCFunction)Account_step_outside, METH_NOARGS,
+     "step_outside(): in a copy of the context of enter() where this\n"
+     "account is current, make the account current before it current again."},
     {"usage_at_leave", (PyCFunction)Account_usage_at_leave, METH_NOARGS,
      "usage_at_leave() -> (allocated, live, peak_live) when leave() ran."},
     {NULL, NULL, 0, NULL},
@@ -362,6 +530,117 @@ static PyTypeObject AccountType = {
     .tp_getset = Account_getset,
 };
 
+/* Every entered account's sites: live bytes by the innermost entered
+ * account of each block, allocated bytes by account (inclusive of the
+ * accounts entered inside it), and a last group for what no entered
+ * account holds. */
+static PyObject *
+meter_process_sites(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    site_agg_t live = {0}, allocated = {0};
+    PyObject *cache = NULL, *result = NULL;
+    size_t n = entered_count;
+    AccountObject **objects = calloc(n + 1, sizeof(AccountObject *));
+    AccountObject **outers = calloc(n + 1, sizeof(AccountObject *));
+    if (objects == NULL || outers == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    live_visit_t visit = {&live, NULL, 1};
+    if (blocks_foreach(live_visit, &visit) < 0
+        || sites_agg_account(&allocated, &global_root, 0) < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (size_t i = 0; i < n; i++) {
+        account_t *a = entered[i]->account;
+        if (sites_agg_account(&allocated, a, (uintptr_t)a) < 0) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        objects[i] = (AccountObject *)Py_NewRef(entered[i]);
+        for (account_t *p = a->parent; p != NULL; p = p->parent) {
+            if (p->entered_slot != 0) {
+                outers[i] = (AccountObject *)Py_NewRef(entered[p->entered_slot - 1]);
+                break;
+            }
+        }
+    }
+    site_agg_sort_by_group(&live);
+    site_agg_sort_by_group(&allocated);
+    meter_tls.depth++;
+    cache = PyDict_New();
+    result = cache != NULL ? PyList_New(0) : NULL;
+    for (size_t i = 0; result != NULL && i <= n; i++) {
+        AccountObject *object = objects[i];  /* NULL: the last group */
+        uintptr_t group = object != NULL ? (uintptr_t)object->account : 0;
+        PyObject *live_list = sites_agg_to_list(&live, group, cache);
+        PyObject *allocated_list =
+            live_list != NULL ? sites_agg_to_list(&allocated, group, cache)
+                              : NULL;
+        PyObject *item = NULL;
+        if (allocated_list != NULL) {
+            PyObject *listener = object != NULL && object->listener != NULL
+                                     ? object->listener
+                                     : Py_None;
+            item = Py_BuildValue(
+                "(OOOOO)", object != NULL ? (PyObject *)object : Py_None,
+                listener,
+                outers[i] != NULL ? (PyObject *)outers[i] : Py_None, live_list,
+                allocated_list);
+        }
+        Py_XDECREF(live_list);
+        Py_XDECREF(allocated_list);
+        if (item == NULL || PyList_Append(result, item) < 0) {
+            Py_XDECREF(item);
+            Py_CLEAR(result);
+        }
+        Py_XDECREF(item);
+    }
+    meter_tls.depth--;
+done:
+    if (objects != NULL) {
+        for (size_t i = 0; i < n; i++) {
+            Py_XDECREF(objects[i]);
+        }
+    }
+    if (outers != NULL) {
+        for (size_t i = 0; i < n; i++) {
+            Py_XDECREF(outers[i]);
+        }
+    }
+    free(objects);
+    free(outers);
+    site_agg_clear(&live);
+    site_agg_clear(&allocated);
+    Py_XDECREF(cache);
+    return result;
+}
+
+static PyObject *
+meter_set_traceback_limit(PyObject *module, PyObject *arg)
+{
+    long limit = PyLong_AsLong(arg);
+    if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (limit < 0 || limit > SITES_MAX_TRACEBACK_LIMIT) {
+        PyErr_Format(PyExc_ValueError,
+                     "traceback_limit must be between 0 and %d, got %ld",
+                     SITES_MAX_TRACEBACK_LIMIT, limit);
+        return NULL;
+    }
+    sites_traceback_limit = (int)limit;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+meter_collect_tracebacks(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    sites_collect();
+    return PyLong_FromSsize_t(sites_tracebacks());
+}
+
 static PyObject *
 meter_install(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
@@ -375,6 +654,7 @@ static PyObject *
 meter_tick(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
     sampler_relax();
+    sites_collect_if_due();
     if (ensure_hooks() < 0) {
         return NULL;
     }
@@ -393,6 +673,43 @@ meter_set_sampling_interval(PyObject *module, PyObject *arg)
         return NULL;
     }
     sampler_set_configured((int64_t)interval);
+    Py_RETURN_NONE;
+}
+
+static int
+parse_interval(PyObject *arg, int64_t *out)
+{
+    long long interval = PyLong_AsLongLong(arg);
+    if (interval == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (interval < 1) {
+        PyErr_SetString(PyExc_ValueError, "sampling_interval must be >= 1");
+        return -1;
+    }
+    *out = (int64_t)interval;
+    return 0;
+}
+
+static PyObject *
+meter_request_interval(PyObject *module, PyObject *arg)
+{
+    int64_t interval;
+    if (parse_interval(arg, &interval) < 0) {
+        return NULL;
+    }
+    sampler_request_opened(interval);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+meter_release_interval(PyObject *module, PyObject *arg)
+{
+    int64_t interval;
+    if (parse_interval(arg, &interval) < 0) {
+        return NULL;
+    }
+    sampler_request_closed(interval);
     Py_RETURN_NONE;
 }
 
@@ -515,12 +832,32 @@ static PyMethodDef meter_methods[] = {
      METH_FASTCALL,
      "async_raise(thread_id, exc_class or None): PyThreadState_SetAsyncExc.\n"
      "Returns the number of threads affected (0: no such thread)."},
+    {"disarm", interrupts_disarm, METH_NOARGS,
+     "disarm() -> bool: drop the asynchronous exception pending in this\n"
+     "thread, if any, as if it had been raised and caught (unlike\n"
+     "async_raise(own id, None), which leaves 3.11's and 3.12's eval breaker\n"
+     "set for good)."},
     {"raise_in_thread_at",
      (PyCFunction)(void (*)(void))interrupts_raise_in_thread_at, METH_FASTCALL,
-     "raise_in_thread_at(thread_id, frame, lasti, var, expected, exc_class)\n"
-     "-> bool: arm an asynchronous exception in that thread only if its\n"
-     "innermost frame is still frame, at instruction lasti, and its context\n"
-     "still holds expected in var (it has not moved since)."},
+     "raise_in_thread_at(thread_id, frame, lasti, var, expected, exc_class,\n"
+     "on_disarm=None) -> bool: arm an asynchronous exception in that thread\n"
+     "only if its innermost frame is still frame, at instruction lasti, and\n"
+     "its context still holds expected in var (it has not moved since), and\n"
+     "no exception armed earlier is still pending there.  Up to 3.12 it is\n"
+     "fenced: disarmed in the thread, and on_disarm() called there, if the\n"
+     "thread runs anything else before it lands."},
+    {"monitor_arm", (PyCFunction)(void (*)(void))interrupts_monitor_arm,
+     METH_FASTCALL,
+     "monitor_arm(handler or None, ((thread_id, due_ns), ...),\n"
+     "((code, landings), ...)): the threads where monitor_event calls\n"
+     "handler, from when (CLOCK_MONOTONIC ns), and the instructions of each\n"
+     "monitored code object where it does (landings: one byte per code\n"
+     "unit, nonzero where allowed).  Replaces the previous state."},
+    {"monitor_event", (PyCFunction)(void (*)(void))interrupts_monitor_event,
+     METH_FASTCALL,
+     "The sys.monitoring INSTRUCTION callback: in an armed thread, at an\n"
+     "allowed instruction of a monitored code object, inside a scope, calls\n"
+     "the handler and raises the exception instance it returns there."},
     {"thread_context", interrupts_thread_context, METH_O,
      "The contextvars.Context the given thread runs in, or None."},
     {"interrupted", meter_interrupted, METH_NOARGS,
@@ -541,6 +878,22 @@ static PyMethodDef meter_methods[] = {
     {"set_sampling_interval", meter_set_sampling_interval, METH_O,
      "Set the configured (maximum) mean sampling interval in bytes."},
     {"stats", meter_stats, METH_NOARGS, "Counters of the meter."},
+    {"process_sites", meter_process_sites, METH_NOARGS,
+     "process_sites() -> [(account, listener, outer account, live,\n"
+     "allocated), ...]: the sites of every entered account (live: blocks\n"
+     "whose innermost entered account it is; allocated: all its samples),\n"
+     "then (None, None, None, live, allocated) for the rest."},
+    {"request_interval", meter_request_interval, METH_O,
+     "Keep the mean sampling interval at most this many bytes until the\n"
+     "matching release_interval() (profiling)."},
+    {"release_interval", meter_release_interval, METH_O,
+     "Withdraw one request_interval(); the interval rises again at the\n"
+     "next upkeep."},
+    {"set_traceback_limit", meter_set_traceback_limit, METH_O,
+     "Frames recorded per sampled allocation (0: none)."},
+    {"collect_tracebacks", meter_collect_tracebacks, METH_NOARGS,
+     "Release the interned tracebacks nothing refers to any more; returns\n"
+     "how many are left."},
     {"take_breached", meter_take_breached, METH_NOARGS,
      "Listeners of the accounts breached since the last call."},
     {"wait_for_breach", meter_wait_for_breach, METH_O,

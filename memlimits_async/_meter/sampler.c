@@ -49,6 +49,12 @@ static Py_ssize_t bucket_counts[N_BUCKETS + 1];
 static int min_bucket = N_BUCKETS + 1;   /* none open */
 static int min_bucket_stale = 0;
 
+/* Open profiling requests (sampler_request_opened), counted the same way by
+ * the interval they ask for: R is at most the smallest of them (rounded
+ * down to 4 significant bits), and rises again the same lazy way. */
+static Py_ssize_t request_counts[N_BUCKETS + 1];
+static int min_request = N_BUCKETS + 1;
+
 static int
 bucket_of(int64_t limit)
 {
@@ -178,6 +184,15 @@ static void
 recompute_interval(void)
 {
     int64_t r = configured_interval;
+    if (min_request <= N_BUCKETS) {
+        int64_t requested = bucket_floor(min_request);
+        if (requested < 1) {
+            requested = 1;
+        }
+        if (requested < r) {
+            r = requested;
+        }
+    }
     if (min_bucket <= N_BUCKETS) {
         int64_t adaptive = bucket_floor(min_bucket) / SAMPLES_PER_LIMIT;
         if (adaptive < MIN_ADAPTIVE_INTERVAL) {
@@ -238,6 +253,29 @@ sampler_limit_opened(int64_t limit)
 }
 
 void
+sampler_request_opened(int64_t interval)
+{
+    int b = bucket_of(interval);
+    request_counts[b]++;
+    if (b < min_request) {
+        min_request = b;
+        recompute_interval();
+    }
+}
+
+void
+sampler_request_closed(int64_t interval)
+{
+    int b = bucket_of(interval);
+    if (request_counts[b] > 0) {
+        request_counts[b]--;
+    }
+    if (b == min_request && request_counts[b] == 0) {
+        min_bucket_stale = 1;
+    }
+}
+
+void
 sampler_limit_closed(int64_t limit)
 {
     int b = bucket_of(limit);
@@ -279,6 +317,9 @@ sampler_relax(void)
     min_bucket_stale = 0;
     while (min_bucket <= N_BUCKETS && bucket_counts[min_bucket] == 0) {
         min_bucket++;
+    }
+    while (min_request <= N_BUCKETS && request_counts[min_request] == 0) {
+        min_request++;
     }
     recompute_interval();
 }
