@@ -1,0 +1,3 @@
+from memlimits_async.cli import console_main
+
+console_main()
