@@ -112,10 +112,18 @@ async def test_a_task_resuming_after_its_deadline_is_not_preempted() -> None:
     # move_on_after.  Before, the preemption armed during the stall landed
     # in the first bytecodes of each resumed step (91,629 spurious TIMEOUT
     # breaches out of 100,000 tasks).
+    #
+    # The tasks wait for an event set just before the stall, not for a
+    # sleep: their wake-ups are then queued before the loop sees any
+    # deadline, whatever the machine does.  With a sleep, a task paused
+    # (by the OS, or a collection) for 40 ms between its scope's entry and
+    # its sleep had its deadline come first, and was rightly cancelled in
+    # its await (seen once in CI on 3.14, under load).
     tasks = 200
     finished = 0
     preempted = 0
     entered = asyncio.Event()
+    go = asyncio.Event()
     count = 0
 
     async def short_wait() -> None:
@@ -124,13 +132,14 @@ async def test_a_task_resuming_after_its_deadline_is_not_preempted() -> None:
             count += 1
             if count == tasks:
                 entered.set()
-            await asyncio.sleep(0.01)
+            await go.wait()
             spin(0.005)  # a step much shorter than the grace
             finished += 1
         preempted += scope._preempted
 
     async def stall() -> None:
         await entered.wait()
+        go.set()  # every task resumes once the stall is over
         time.sleep(0.5)  # past every deadline and every grace
 
     async with asyncio.TaskGroup() as group:
