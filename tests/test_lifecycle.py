@@ -351,7 +351,10 @@ SHUTDOWN_CASES = {
             tasks = [asyncio.create_task(hog()) for _ in range(4)]
             tasks.append(asyncio.create_task(sleeper()))
             await asyncio.sleep(0.01)
-            async with ml.limit_scope(memory="100 KiB"):
+            # No preemption: the breach must still be pending at sys.exit.
+            # With one, a body past its limit by a quarter is preempted at
+            # once, which happened on a busy machine (exit status 0).
+            async with ml.limit_scope(memory="100 KiB", preempt=False):
                 held = [bytes(1000) for _ in range(1000)]  # breached, not delivered
                 sys.exit(3)
 
@@ -375,7 +378,9 @@ SHUTDOWN_CASES = {
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
                     nursery.start_soon(hog)
-                with ml.limit_scope(memory="100 KiB"):
+                # No preemption: the exception must leave the body (as in
+                # the asyncio case above).
+                with ml.limit_scope(memory="100 KiB", preempt=False):
                     held = [bytes(1000) for _ in range(1000)]
                     raise ValueError("boom")
 
@@ -387,8 +392,9 @@ SHUTDOWN_CASES = {
         """
         import memlimits_async as ml
         ml.set_global_memory_limit("1 MiB")
-        with ml.limit_scope(memory="1 MiB", global_memory=True):
-            with ml.limit_scope(memory=0):
+        # No preemption: SystemExit must leave the body (as above).
+        with ml.limit_scope(memory="1 MiB", global_memory=True, preempt=False):
+            with ml.limit_scope(memory=0, preempt=False):
                 held = [bytes(1000) for _ in range(5000)]
                 raise SystemExit(5)
         """,
