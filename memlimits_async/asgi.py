@@ -95,6 +95,10 @@ checked at this resolution."""
 _SWEEPER_IDLE_TICKS: Final = 100
 """Ticks with no request in flight after which the sweeper task ends (the
 next request starts it again)."""
+_DELIVERY_WAIT: Final = 1.0
+"""Seconds a response start waits for a breach the meter has seen to reach
+the request's task (it takes milliseconds; this only bounds a wait that
+something unforeseen would make endless)."""
 _BYTE_KINDS: Final = frozenset(
     {ml.BreachKind.MEMORY, ml.BreachKind.ALLOCATIONS, ml.BreachKind.GLOBAL_MEMORY}
 )
@@ -318,6 +322,15 @@ class _Request:
                 # grace): let the cancellation land now, so that the
                 # request is answered with the error response.
                 await anyio.lowlevel.checkpoint()
+            elif self._breached():
+                # The meter saw the budget pass, but the breach has not
+                # reached this task yet: the delivery thread hands it over
+                # within milliseconds.  A sync endpoint that allocated past
+                # its budget in a fraction of a millisecond got its 200
+                # before that.  Wait for it here (bounded: the answer is
+                # sent anyway if it never comes).
+                with anyio.move_on_after(_DELIVERY_WAIT):
+                    await anyio.sleep_forever()
             # Set before sending: headers interrupted half-way out cannot be
             # followed by an error response.
             self.started = True
@@ -347,6 +360,14 @@ class _Request:
         self.completing = True
         await self._send(message)
         self.complete = True
+
+    def _breached(self) -> bool:
+        """The request's scope, or a route's inside it, has a breach in the
+        meter (``LimitScope.breached`` reads it live), delivered or not."""
+        if self.limit_scope is not None and self.limit_scope.breached:
+            return True
+        scopes = self.route_scopes
+        return scopes is not None and any(scope.breached for scope in scopes)
 
     def _cancelled(self) -> bool:
         """The request's scope, or a route's inside it, was cancelled (a
