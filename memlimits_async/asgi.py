@@ -99,6 +99,8 @@ _DELIVERY_WAIT: Final = 1.0
 """Seconds a response start waits for a breach the meter has seen to reach
 the request's task (it takes milliseconds; this only bounds a wait that
 something unforeseen would make endless)."""
+_DELIVERY_POLL: Final = 0.001
+"""Seconds between two looks at whether that breach has landed."""
 _BYTE_KINDS: Final = frozenset(
     {ml.BreachKind.MEMORY, ml.BreachKind.ALLOCATIONS, ml.BreachKind.GLOBAL_MEMORY}
 )
@@ -327,10 +329,12 @@ class _Request:
                 # reached this task yet: the delivery thread hands it over
                 # within milliseconds.  A sync endpoint that allocated past
                 # its budget in a fraction of a millisecond got its 200
-                # before that.  Wait for it here (bounded: the answer is
-                # sent anyway if it never comes).
+                # before that.  Wait for it here: it lands in the sleep, or,
+                # in a shielded stretch, ends the wait (bounded: the answer
+                # is sent anyway if it never comes).
                 with anyio.move_on_after(_DELIVERY_WAIT):
-                    await anyio.sleep_forever()
+                    while not ml.is_interrupted():
+                        await anyio.sleep(_DELIVERY_POLL)
             # Set before sending: headers interrupted half-way out cannot be
             # followed by an error response.
             self.started = True
