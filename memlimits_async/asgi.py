@@ -317,24 +317,26 @@ class _Request:
                 await self._send(message)
                 return
         elif kind in ("http.response.start", "websocket.accept"):
-            if ml.is_interrupted() or self._cancelled():
-                # The request was stopped while the app ran without
-                # reaching a checkpoint (work in a worker thread that cannot
-                # be preempted, a stretch shorter than the preemption
-                # grace): let the cancellation land now, so that the
-                # request is answered with the error response.
-                await anyio.lowlevel.checkpoint()
-            elif self._breached():
+            breached = self._breached()
+            if breached and not ml.is_interrupted():
                 # The meter saw the budget pass, but the breach has not
                 # reached this task yet: the delivery thread hands it over
                 # within milliseconds.  A sync endpoint that allocated past
                 # its budget in a fraction of a millisecond got its 200
-                # before that.  Wait for it here: it lands in the sleep, or,
-                # in a shielded stretch, ends the wait (bounded: the answer
+                # before that.  Wait for the delivery (bounded: the answer
                 # is sent anyway if it never comes).
                 with anyio.move_on_after(_DELIVERY_WAIT):
                     while not ml.is_interrupted():
                         await anyio.sleep(_DELIVERY_POLL)
+            if breached or ml.is_interrupted() or self._cancelled():
+                # The request was stopped while the app ran without
+                # reaching a checkpoint (work in a worker thread that cannot
+                # be preempted, a stretch shorter than the preemption
+                # grace, or the wait above, whose sleep may have ended
+                # before the cancellation reached it): let the cancellation
+                # land now, so that the request is answered with the error
+                # response.
+                await anyio.lowlevel.checkpoint()
             # Set before sending: headers interrupted half-way out cannot be
             # followed by an error response.
             self.started = True
