@@ -12,12 +12,11 @@ that had something to say.  Findings, printed in full, exit status 1:
   own code, other than the hooks that only pass an allocation through to the
   allocator below (every Python block of an instrumented run passes there).
 
-Other leak records are CPython's own lost blocks: counted, not findings, and
-so are floats, whoever asked for them (3.15.2 leaves a few at exit; see
-CPYTHON_OBJECTS).  A
-leak check that could not run (LeakSanitizer's fatal error) is a finding.
-Python objects that the meter leaks by reference count are the business of
-tools/refleak.py.
+Other leak records are CPython's own lost blocks: counted, not findings; so
+are leaked floats, whoever asked for them (3.15.2 leaves a few at exit: see
+CPYTHON_OBJECTS).  A leak check that could not run (LeakSanitizer's fatal
+error) is a finding.  Python objects that the meter leaks by reference count
+are the business of tools/refleak.py.
 """
 
 from __future__ import annotations
