@@ -231,6 +231,7 @@ def test_allocations_and_timeout_annotations(client: Client, tmp_path: Path) -> 
         )
         looping = client.submit(dask_work.spin, "/nonexistent/x", 60, pure=False)
     exit_mark = computing.with_suffix(".exit")
+    released = False
     if sys.version_info < (3, 12):
         # On 3.11 a loop's thread is preempted only where it is seen twice
         # at the same point or in a call that released the GIL
@@ -243,29 +244,39 @@ def test_allocations_and_timeout_annotations(client: Client, tmp_path: Path) -> 
         wait_for(computing.with_suffix(".started"))
         if written_within(exit_mark, 15.0) is None:
             computing.with_suffix(".release").write_text("")
+            # (It may still have been preempted as the release was written.)
+            # Released, it ran to its end without a checkpoint after its
+            # deadline: like anyio's cancelled_caught, a deadline that cut
+            # nothing is not reported (docs/limit-scope.md); it returns.
+            released = wait_for(exit_mark) == "none"
     # These arrive as themselves, breach included (distributed pickles
     # exceptions through tblib, which keeps their attributes).
     with pytest.raises(ml.AllocationLimitReached) as allocations:
         churning.result(timeout=WAIT)
     assert allocations.value.breach.kind is ml.BreachKind.ALLOCATIONS
     assert allocations.value.breach.limit == 64 * MIB
-    with pytest.raises(ml.TimeLimitReached) as timeout:
-        spinning.result(timeout=WAIT)
-    assert timeout.value.breach.kind is ml.BreachKind.TIMEOUT
+    if released:
+        assert spinning.result(timeout=WAIT) > 0
+    else:
+        with pytest.raises(ml.TimeLimitReached) as timeout:
+            spinning.result(timeout=WAIT)
+        assert timeout.value.breach.kind is ml.BreachKind.TIMEOUT
     # Its first line fails (no such directory): its own exception, unchanged.
     with pytest.raises(FileNotFoundError):
         looping.result(timeout=WAIT)
     assert usage_of(client, churning).breach.kind is ml.BreachKind.ALLOCATIONS  # type: ignore[union-attr]
+    assert usage_of(client, looping).state == "failed"
+    if released:
+        assert wait_for(exit_mark) == "none"
+        assert usage_of(client, spinning).state == "finished"
+        return
     timed_out = usage_of(client, spinning)
     assert timed_out.breach is not None
     assert timed_out.breach.kind is ml.BreachKind.TIMEOUT
     # Stopped where it computed: it never ends by itself, and a scope that
-    # only reported the breach at its exit would leave it running (on 3.11,
-    # see above, it may have been released instead).
-    exit = wait_for(exit_mark)
-    assert exit == "Preempted" or (sys.version_info < (3, 12) and exit == "none")
-    assert usage_of(client, spinning).state == "breached"
-    assert usage_of(client, looping).state == "failed"
+    # only reported the breach at its exit would leave it running.
+    assert wait_for(exit_mark) == "Preempted"
+    assert timed_out.state == "breached"
 
 
 def test_a_bad_annotation_fails_the_task_naming_it(client: Client) -> None:
