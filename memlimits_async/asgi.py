@@ -255,6 +255,12 @@ class _Request:
     limit_scope: ml.LimitScope | None = None  # the request's, while it runs
     swept = False  # seen by a tick of the sweeper: it runs for a while
     route_scopes: list[ml.LimitScope] | None = None  # route budgets' scopes
+    # A route budget's scope left with its LimitReached: a response the app
+    # starts after that is an error handler's (Starlette's
+    # ServerErrorMiddleware sends its 500, then raises the exception on to
+    # us), held back until the app returns (``withheld``).
+    route_breach_raised = False
+    withheld: list[Message] | None = None
 
     def __init__(
         self,
@@ -312,6 +318,12 @@ class _Request:
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
+        if self.withheld is not None:
+            self.withheld.append(message)
+            return
+        if self.route_breach_raised and kind == "http.response.start":
+            self.withheld = [message]
+            return
         if kind == "http.response.body":
             if message.get("more_body", False) or self.trailers:
                 await self._send(message)
@@ -420,6 +432,16 @@ class _Request:
                 yield scope
         finally:
             self.route_scopes.remove(scope)
+            if scope.breach is not None and not self.started:
+                self.route_breach_raised = True
+
+    async def release_withheld(self) -> None:
+        """Send the response held back after a route budget's breach: the
+        app answered it itself (an exception handler of its own)."""
+        withheld, self.withheld = self.withheld, None
+        self.route_breach_raised = False
+        for message in withheld or ():
+            await self.send(message)
 
     # -- the watcher (run by the sweeper) --
 
@@ -1097,6 +1119,13 @@ class BudgetMiddleware:
             # A route budget's breach, when there is one, is what stopped the
             # request: its limit is the tighter (the request's own may have
             # been passed too before the route's cancellation landed).
+            if raised is not None:
+                # The breach reached us: an error handler's response gives
+                # way to the error response.
+                request.withheld = None
+                request.route_breach_raised = False
+            elif request.withheld is not None:
+                await request.release_withheld()
             breach = raised or limit_scope.breach
             if breach is not None and request.first_byte_fired:
                 breach = self._first_byte_breach(request)

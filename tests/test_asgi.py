@@ -993,3 +993,43 @@ def test_the_core_imports_no_integration() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_route_budget_gets_its_503_with_the_middleware_outside_the_app(
+    backend: Literal["asyncio", "trio"],
+) -> None:
+    """``BudgetMiddleware(Starlette(...))`` puts Starlette's
+    ServerErrorMiddleware between the two: it answered a route budget's
+    ``LimitReached`` with a 500 of its own, then raised it on; the client
+    got the 500.  Its response is held back and the 503 sent instead; a
+    handler the app has for the breach still answers with its own."""
+
+    async def hog(request: Request) -> Response:
+        held: list[bytearray] = []
+        while True:
+            held.append(bytearray(64 * 1024))
+            await anyio.sleep(0)
+
+    async def insufficient_storage(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse("too big", status_code=507)
+
+    small = [Middleware(RouteBudget, memory="4 MiB")]
+    reports: list[RequestReport] = []
+    plain = Starlette(routes=[Route("/hog", hog, middleware=small)])
+    handled = Starlette(
+        routes=[Route("/hog", hog, middleware=small)],
+        exception_handlers={ml.MemoryLimitReached: insufficient_storage},
+    )
+    for app, status in ((plain, 503), (handled, 507)):
+        wrapped = BudgetMiddleware(app, memory="64 MiB", on_finished=reports.append)
+        with TestClient(
+            wrapped, backend=backend, raise_server_exceptions=False
+        ) as client:
+            for _ in range(3):
+                response = client.get("/hog")
+                assert response.status_code == status, response.text
+    for report in reports[:3]:
+        assert report.breach is not None and report.breach.limit == 4 * MIB
+        assert report.phase == "before response"
+        assert report.status == 503
