@@ -77,6 +77,11 @@ class Breach:
     bytes for ALLOCATIONS), largest first, at most three; empty when stack
     capture is off (``configure(traceback_limit=0)``).  ``reason`` names
     them too."""
+    refused: int = 0
+    """For MEMORY and GLOBAL_MEMORY: the size in bytes of the single request
+    that was refused because it alone would have passed the limit (the
+    allocation failed with ``MemoryError``; ``observed`` is then the bytes it
+    would have made), or 0 when a sampled allocation passed the limit."""
 
 
 _KIND_OF_CODE = {
@@ -93,16 +98,30 @@ _WHAT_IS_COUNTED = {
 
 
 def _byte_breach(
-    code: int, limit: int, observed: int, account: Account | None = None
+    code: int,
+    limit: int,
+    observed: int,
+    refused: int = 0,
+    account: Account | None = None,
 ) -> Breach:
     kind = _KIND_OF_CODE[code]
-    over = observed - limit
-    share = f" ({over / limit:.1%})" if limit else ""
-    reason = (
-        f"{kind.value} limit of {format_size(limit)} exceeded: about "
-        f"{format_size(observed)} {_WHAT_IS_COUNTED[kind]}, "
-        f"{format_size(over)} over{share}"
-    )
+    if refused:
+        # observed: what the request would have made; without it, about
+        # that much less (more for a realloc, whose old block it frees).
+        held = max(observed - refused, 0)
+        reason = (
+            f"{kind.value} limit of {format_size(limit)} exceeded: a request "
+            f"of {format_size(refused)} was refused; about {format_size(held)} "
+            f"{_WHAT_IS_COUNTED[kind]}"
+        )
+    else:
+        over = observed - limit
+        share = f" ({over / limit:.1%})" if limit else ""
+        reason = (
+            f"{kind.value} limit of {format_size(limit)} exceeded: about "
+            f"{format_size(observed)} {_WHAT_IS_COUNTED[kind]}, "
+            f"{format_size(over)} over{share}"
+        )
     sites: tuple[Statistic, ...] = ()
     if account is not None:
         sites = top_sites(
@@ -110,7 +129,7 @@ def _byte_breach(
         )
         if sites:
             reason += "; " + ", ".join(site.describe() for site in sites)
-    return Breach(kind, limit, observed, reason, sites)
+    return Breach(kind, limit, observed, reason, sites, refused)
 
 
 current_account = _core.current_account
@@ -147,7 +166,10 @@ def usage_from(raw: tuple[int, int, int]) -> Usage:
     return Usage(allocated, max(live, 0), peak_live)
 
 
-def breach_from(record: tuple[int, int, int], account: Account | None = None) -> Breach:
+def breach_from(
+    record: tuple[int, int, int, int], account: Account | None = None
+) -> Breach:
     """A :class:`Breach` from a record returned by ``account.breach()``;
     with the account, it names the account's top allocation sites now."""
-    return _byte_breach(*record, account)
+    code, limit, observed, refused = record
+    return _byte_breach(code, limit, observed, refused, account)

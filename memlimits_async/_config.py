@@ -103,6 +103,9 @@ class MeterStats:
     """Estimated bytes held in sampled blocks: those allocated inside scopes,
     and, while a global memory limit is set, outside them too (the global
     limit's ``"heap"`` measure)."""
+    refused_requests: int = 0
+    """Requests of 1 MiB or more refused because each alone would have
+    passed a memory limit (docs/limit-scope.md)."""
 
 
 def stats() -> MeterStats:
@@ -126,4 +129,5 @@ def stats() -> MeterStats:
         traceback_limit=raw["traceback_limit"],
         tracebacks=raw["tracebacks"],
         metered_heap=max(raw["global_live"], 0),
+        refused_requests=raw["refused_requests"],
     )

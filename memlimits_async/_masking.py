@@ -41,6 +41,7 @@ import anyio
 import anyio.lowlevel
 
 from ._accounts import Account, current_account, interrupted
+from ._meter import _core
 
 __all__ = [
     "InterruptSafe",
@@ -75,7 +76,11 @@ region_account: ContextVar[Account | None] = ContextVar(
 """In a region: the account that was current
 where the innermost one was entered.  A region protects against the scopes
 around it, i.e. the scopes that account is within; scopes opened inside the
-region stay interruptible.  (None: no region, or none inside any scope.)"""
+region stay interruptible.  (None: no region, or none inside any scope.)
+The meter reads it too: inside a region, no request is refused for the
+limits of the scopes it protects (docs/limit-scope.md, "Requests too large
+for a limit")."""
+_core.set_region_var(region_account)
 
 shielded_accounts: set[Account] = set()
 """The accounts of shielded scopes whose body runs shielded now: each is a

@@ -52,7 +52,7 @@ from ._delivery import (
     retry_later,
     start_delivery,
 )
-from ._exceptions import Preempted, exception_for
+from ._exceptions import LimitReached, Preempted, exception_for
 from ._masking import protected_code_waits, shielded_accounts
 from ._preempt import (
     PreemptRequest,
@@ -445,11 +445,13 @@ class LimitScope:
                 # shield does it for cancellation).
                 self._shielding = True
                 shielded_accounts.add(account)
+                account.set_shielding(True)
             # Last, so that only the body's allocations are charged.
             account.enter(listener)
         except BaseException:
             if self._shielding:
                 shielded_accounts.discard(account)
+                account.set_shielding(False)
                 self._shielding = False
             self._unwatch_tokens()
             unwatch_deadline(self)
@@ -475,6 +477,7 @@ class LimitScope:
         self._state = _EXITED
         if self._shielding:
             shielded_accounts.discard(self._account)
+            self._account.set_shielding(False)
         if self._preempt_request is not None:
             self._preempt_request.close()
             # It refers to this scope: kept, they would make a cycle (with
@@ -656,19 +659,36 @@ class LimitScope:
         return f"preempted: {reason}"
 
     def _absorbs(self, exc: BaseException) -> bool:
-        """True for this scope's Preempted, alone or in a group with nothing
-        but cancellations."""
-        if not self._preempted:
+        """True for what this scope's breach raised in its body, alone or in
+        a group with nothing but such exceptions and cancellations: its
+        Preempted, and, once the meter refused a request for its limit, a
+        MemoryError (the refused allocation's, or what numpy made of it; not
+        a LimitReached of a scope inside, whose own result that is)."""
+        preempted = self._preempted > 0
+        refused = self._account is not None and self._account.refused()
+        if not preempted and not refused:
             return False
-        if isinstance(exc, Preempted):
+
+        def ours(each: BaseException) -> bool:
+            if preempted and isinstance(each, Preempted):
+                return True
+            return (
+                refused
+                and isinstance(each, MemoryError)
+                and not isinstance(each, LimitReached)
+            )
+
+        if ours(exc):
             return True
         if not isinstance(exc, BaseExceptionGroup):
             return False
-        kinds: tuple[type[BaseException], ...] = (Preempted,)
-        if self._loop is not None:
-            kinds += (anyio.get_cancelled_exc_class(),)
-        _, rest = exc.split(kinds)
-        return rest is None and exc.subgroup(Preempted) is not None
+        cancelled = anyio.get_cancelled_exc_class() if self._loop is not None else None
+
+        def ours_or_cancelled(each: BaseException) -> bool:
+            return ours(each) or (cancelled is not None and isinstance(each, cancelled))
+
+        _, rest = exc.split(ours_or_cancelled)
+        return rest is None and exc.subgroup(ours) is not None
 
     def _deliver(self, breach: Breach) -> None:
         """On the loop thread: the first breach delivered cancels the scope,
@@ -701,7 +721,7 @@ class LimitScope:
         if self._deferred is not None:
             self._deliver(self._deferred)
 
-    def _undelivered_breach(self, record: tuple[int, int, int] | None) -> Breach | None:
+    def _undelivered_breach(self, record: tuple[int, int, int, int] | None) -> Breach | None:
         """A breach that did not reach the loop (or there is no loop): the
         meter's record, else the first cancelled token."""
         if record is not None:
@@ -711,7 +731,7 @@ class LimitScope:
                 return _token_breach(token.reason)
         return None
 
-    def _meter_breach(self, record: tuple[int, int, int]) -> Breach:
+    def _meter_breach(self, record: tuple[int, int, int, int]) -> Breach:
         """The breach the meter recorded (first limit only, so it never
         changes), with the sites of the first moment it was asked for."""
         breach = self._sited_breach
@@ -977,9 +997,11 @@ class LimitScope:
         if value and not self._shielding:
             self._shielding = True
             shielded_accounts.add(self._account)
+            self._account.set_shielding(True)
         elif not value and self._shielding:
             self._shielding = False
             shielded_accounts.discard(self._account)
+            self._account.set_shielding(False)
 
     def __repr__(self) -> str:
         limits = [

@@ -37,6 +37,7 @@ int64_t global_limit = NO_LIMIT;
 int64_t global_live = 0;
 int64_t global_external = -1;
 Py_ssize_t accounts_live = 0;
+Py_ssize_t accounts_memory_limits_open = 0;
 
 static int accounts_pending_call(void *unused);
 
@@ -77,6 +78,7 @@ account_new(account_t *parent, int64_t memory_limit, int64_t allocation_limit)
     sampler_relax_if_due();
     if (memory_limit != NO_LIMIT) {
         sampler_limit_opened(memory_limit);
+        accounts_memory_limits_open++;
     }
     if (allocation_limit != NO_LIMIT) {
         sampler_limit_opened(allocation_limit);
@@ -112,6 +114,7 @@ account_close(account_t *a)
     a->closed = 1;
     if (a->memory_limit != NO_LIMIT) {
         sampler_limit_closed(a->memory_limit);
+        accounts_memory_limits_open--;
     }
     if (a->allocation_limit != NO_LIMIT) {
         sampler_limit_closed(a->allocation_limit);
@@ -138,11 +141,13 @@ wake_deliverer(void)
 }
 
 static void
-record_breach(account_t *a, int kind, int64_t limit, int64_t observed)
+record_breach(account_t *a, int kind, int64_t limit, int64_t observed,
+              int64_t refused)
 {
-    a->breach_kind = kind;
+    a->breach_kind = (uint8_t)kind;
     a->breach_limit = limit;
     a->breach_observed = observed;
+    a->breach_refused = refused;
     if (a->owner == NULL) {
         return;  /* nobody waits for it: it is read at exit */
     }
@@ -181,7 +186,7 @@ charge_global(account_t *a)
     for (; a != NULL; a = a->parent) {
         if (a->global_participant && !a->closed) {
             if (a->breach_kind == BREACH_NONE) {
-                record_breach(a, BREACH_GLOBAL_MEMORY, global_limit, measure);
+                record_breach(a, BREACH_GLOBAL_MEMORY, global_limit, measure, 0);
             }
             return;
         }
@@ -203,17 +208,96 @@ account_charge(account_t *a, int64_t weight)
             continue;
         }
         if (a->memory_limit != NO_LIMIT && a->live > a->memory_limit) {
-            record_breach(a, BREACH_MEMORY, a->memory_limit, a->live);
+            record_breach(a, BREACH_MEMORY, a->memory_limit, a->live, 0);
         }
         else if (a->allocation_limit != NO_LIMIT
                  && a->allocated > a->allocation_limit) {
             record_breach(a, BREACH_ALLOCATIONS, a->allocation_limit,
-                          a->allocated);
+                          a->allocated, 0);
         }
     }
     if (global_limit != NO_LIMIT) {
         charge_global(allocating);
     }
+}
+
+/* Is `a` the account `within` or one of its ancestors? */
+static int
+is_within(account_t *within, account_t *a)
+{
+    for (; within != NULL; within = within->parent) {
+        if (within == a) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Called from an allocator hook (GIL, depth 0): no Python, no lock, no
+ * allocation; a walk up the chain of the allocating context.  Limits are
+ * those of the breach test of account_charge: live bytes after the
+ * request, against the limit.  A closed account never refuses (it never
+ * breaches); an account already breached still refuses (its limit holds)
+ * but keeps its first breach.  Shields and interrupt-safe regions: the
+ * accounts around a shielded scope's account, and the account a region
+ * protects with those around it, do not refuse (their limits are not
+ * enforced inside such a body, as their cancellation is not); the shielded
+ * scope's own limit and those of scopes opened inside still do. */
+int
+accounts_refuse(account_t *a, account_t *region, int64_t size,
+                account_t *old, int64_t old_weight)
+{
+    int refused = 0;
+    int sheltered = 0;  /* from here outward, limits do not refuse */
+    account_t *participant = NULL;
+    for (account_t *p = a; p != NULL; p = p->parent) {
+        if (p == region) {
+            sheltered = 1;
+        }
+        if (sheltered) {
+            break;
+        }
+        if (participant == NULL && p->global_participant && !p->closed) {
+            participant = p;
+        }
+        if (!p->closed && p->memory_limit != NO_LIMIT) {
+            /* A resize gives back the charge of the block it resizes to
+             * the accounts that hold it. */
+            int64_t request = size;
+            if (old != NULL && is_within(old, p)) {
+                request = size - old_weight;
+            }
+            int64_t after = meter_add_clamped(p->live, request);
+            if (after > p->memory_limit) {
+                refused = 1;
+                p->refused = 1;
+                if (p->breach_kind == BREACH_NONE) {
+                    record_breach(p, BREACH_MEMORY, p->memory_limit, after,
+                                  size);
+                }
+            }
+        }
+        if (p->shielding) {
+            sheltered = 1;
+        }
+    }
+    if (global_limit != NO_LIMIT && participant != NULL) {
+        int64_t measure = global_external >= 0 ? global_external : global_live;
+        int64_t request = size;
+        if (global_external < 0 && old != NULL) {
+            request = size - old_weight;  /* the metered heap gives it back */
+        }
+        int64_t after = meter_add_clamped(measure, request);
+        if (after > global_limit) {
+            refused = 1;
+            participant->refused = 1;
+            if (participant->breach_kind == BREACH_NONE) {
+                record_breach(participant, BREACH_GLOBAL_MEMORY, global_limit,
+                              after, size);
+            }
+        }
+    }
+    return refused;
 }
 
 void

@@ -36,6 +36,9 @@ static domain_hook_t *const hooked_domains[] = {&mem_hook, &obj_hook};
 static int installed = 0;
 static int attribution_enabled = 1;
 static PyObject *account_var = NULL;        /* ContextVar, strong ref */
+/* _masking.region_account (a ContextVar, strong ref), or NULL until
+ * set_region_var(): the account an interrupt-safe region protects. */
+static PyObject *region_var = NULL;
 static PyTypeObject *account_type = NULL;   /* strong ref */
 static PyInterpreterState *main_interp = NULL;
 
@@ -43,6 +46,7 @@ static uint64_t stat_samples = 0;       /* samples charged to an account */
 static uint64_t stat_unattributed = 0;  /* samples outside any scope */
 static uint64_t stat_dropped = 0;       /* samples lost to table OOM */
 static uint64_t stat_reinstalls = 0;
+static uint64_t stat_refused = 0;       /* requests refused (limits) */
 
 /* True when shared meter state may be touched from this hook call: the
  * calling thread holds the GIL of the main interpreter.  MEM/OBJ hooks are
@@ -76,10 +80,10 @@ holds_main_gil(void)
     return ts != NULL && PyThreadState_GetInterpreter(ts) == main_interp;
 }
 
-/* The account of the allocating context, borrowed: the context holds a
- * reference for as long as this hook runs. */
-account_t *
-current_account(void)
+/* The account held by `var` in the allocating context, borrowed: the
+ * context holds a reference for as long as this hook runs. */
+static account_t *
+context_var_account(PyObject *var)
 {
     PyObject *value = NULL;
     int rc;
@@ -88,7 +92,7 @@ current_account(void)
      * handled: keep the error indicator exactly as we found it. */
 #if PY_VERSION_HEX >= 0x030C0000
     PyObject *saved = PyErr_GetRaisedException();
-    rc = PyContextVar_Get(account_var, NULL, &value);
+    rc = PyContextVar_Get(var, NULL, &value);
     if (rc < 0) {
         PyErr_Clear();
     }
@@ -96,7 +100,7 @@ current_account(void)
 #else
     PyObject *saved_type, *saved_value, *saved_tb;
     PyErr_Fetch(&saved_type, &saved_value, &saved_tb);
-    rc = PyContextVar_Get(account_var, NULL, &value);
+    rc = PyContextVar_Get(var, NULL, &value);
     if (rc < 0) {
         PyErr_Clear();
     }
@@ -111,6 +115,40 @@ current_account(void)
     }
     Py_DECREF(value);
     return account;
+}
+
+account_t *
+current_account(void)
+{
+    return context_var_account(account_var);
+}
+
+/* Does the allocating context refuse a request of `size` bytes
+ * (>= METER_REFUSE_MIN)?  `old`: for a realloc, the record of the block
+ * being resized, or NULL.  Not inside our own slow path (depth), nor
+ * without the main interpreter's GIL (no context to read), nor while no
+ * memory limit is open. */
+static int
+refuses(thread_meter_t *t, size_t size, const block_t *old)
+{
+    if (t->depth || !attribution_enabled
+        || (accounts_memory_limits_open == 0 && global_limit == NO_LIMIT)
+        || size > (size_t)INT64_MAX || !holds_main_gil()) {
+        return 0;
+    }
+    account_t *account = current_account();
+    if (account == NULL) {
+        return 0;  /* outside every scope: no limit, no participant */
+    }
+    account_t *region = region_var != NULL ? context_var_account(region_var)
+                                           : NULL;
+    if (!accounts_refuse(account, region, (int64_t)size,
+                         old != NULL ? old->account : NULL,
+                         old != NULL ? old->weight : 0)) {
+        return 0;
+    }
+    stat_refused++;
+    return 1;
 }
 
 /* A mark fell inside this allocation of `size` bytes, `overshoot` bytes
@@ -226,6 +264,16 @@ meter_malloc_slow(meter_malloc_fn below, void *ctx, thread_meter_t *t,
         drop_mark(t);
         return below(ctx, size);
     }
+    if (size >= METER_REFUSE_MIN) {
+        if (refuses(t, size, NULL)) {
+            /* Nothing allocated: the countdown is as it was before. */
+            t->countdown += (int64_t)size;
+            return NULL;
+        }
+        if (t->countdown > 0) {
+            return below(ctx, size);  /* here to be checked, not sampled */
+        }
+    }
     int64_t overshoot = -t->countdown;
     t->depth = 1;
     void *ptr = below(ctx, size);
@@ -241,6 +289,15 @@ meter_calloc_slow(meter_calloc_fn below, void *ctx, thread_meter_t *t,
     if (t->depth) {
         drop_mark(t);
         return below(ctx, nelem, elsize);
+    }
+    if (size >= METER_REFUSE_MIN) {
+        if (refuses(t, size, NULL)) {
+            t->countdown += (int64_t)size;
+            return NULL;
+        }
+        if (t->countdown > 0) {
+            return below(ctx, nelem, elsize);
+        }
     }
     int64_t overshoot = -t->countdown;
     t->depth = 1;
@@ -266,6 +323,27 @@ meter_realloc_slow(meter_realloc_fn below, void *ctx, thread_meter_t *t,
     int had_record = ptr != NULL && blocks_maybe_tracked(ptr)
                      && holds_main_gil()
                      && blocks_take((uintptr_t)ptr, &old);
+    /* Growth by at least METER_REFUSE_MIN (as far as the meter knows the
+     * old block: its charge if it was sampled, else nothing) that would
+     * take a limit past: refused, the old block left as it was. */
+    if (size >= METER_REFUSE_MIN
+        && (int64_t)size - (had_record ? old.weight : 0)
+               >= (int64_t)METER_REFUSE_MIN
+        && refuses(t, size, had_record ? &old : NULL)) {
+        if (counted) {
+            t->countdown += (int64_t)size;
+        }
+        if (had_record
+            && blocks_insert((uintptr_t)ptr, old.account, old.weight, old.tb,
+                             old.mean) == 0) {
+            account_decref(old.account);
+            traceback_decref(old.tb);
+        }
+        else if (had_record) {
+            blocks_release(&old);
+        }
+        return NULL;
+    }
     if (!counted) {
         t->countdown -= (int64_t)size;
     }
@@ -309,7 +387,8 @@ hook_malloc(void *ctx, size_t size)
 {
     domain_hook_t *hook = ctx;
     thread_meter_t *t = &meter_tls;
-    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
+    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0
+                     && size < METER_REFUSE_MIN)) {
         return hook->prev.malloc(hook->prev.ctx, size);
     }
     return meter_malloc_slow(hook->prev.malloc, hook->prev.ctx, t, size);
@@ -324,7 +403,8 @@ hook_calloc(void *ctx, size_t nelem, size_t elsize)
     if (METER_UNLIKELY(__builtin_mul_overflow(nelem, elsize, &size))) {
         return hook->prev.calloc(hook->prev.ctx, nelem, elsize);  /* fails */
     }
-    if (METER_LIKELY((t->countdown -= size) > 0)) {
+    if (METER_LIKELY((t->countdown -= size) > 0
+                     && size < (int64_t)METER_REFUSE_MIN)) {
         return hook->prev.calloc(hook->prev.ctx, nelem, elsize);
     }
     return meter_calloc_slow(hook->prev.calloc, hook->prev.ctx, t, nelem,
@@ -340,7 +420,8 @@ hook_realloc(void *ctx, void *ptr, size_t size)
         return meter_realloc_slow(hook->prev.realloc, hook->prev.ctx, t, ptr,
                                   size, 0);
     }
-    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
+    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0
+                     && size < METER_REFUSE_MIN)) {
         return hook->prev.realloc(hook->prev.ctx, ptr, size);
     }
     return meter_realloc_slow(hook->prev.realloc, hook->prev.ctx, t, ptr,
@@ -464,6 +545,13 @@ hooks_check(void)
 }
 
 void
+hooks_set_region_var(PyObject *var)
+{
+    Py_XINCREF(var);
+    Py_XSETREF(region_var, var);
+}
+
+void
 hooks_disable_attribution(void)
 {
     attribution_enabled = 0;
@@ -500,6 +588,7 @@ hooks_stats(PyObject *dict)
     SET_STAT(dict, "unattributed_samples", stat_unattributed);
     SET_STAT(dict, "global_live", global_live);
     SET_STAT(dict, "dropped_samples", stat_dropped);
+    SET_STAT(dict, "refused_requests", stat_refused);
     SET_STAT(dict, "tracked_blocks", blocks_count);
     SET_STAT(dict, "table_capacity", blocks_capacity());
     SET_STAT(dict, "filter_false_positives", blocks_filter_false_positives());

@@ -90,11 +90,14 @@ typedef struct account {
     int64_t peak_live;
     int64_t memory_limit;    /* NO_LIMIT or bytes */
     int64_t allocation_limit;
-    /* Bytes, not ints: an idle scope holds one account (96 bytes, one
-     * malloc size class below 112). */
-    uint8_t closed;              /* its scope has exited: count, never breach */
-    uint8_t global_participant;  /* may be stopped by the global memory limit */
-    uint8_t interrupted;         /* a breach was delivered to its scope */
+    /* Bits and bytes, not ints: an idle scope holds one account. */
+    uint8_t closed : 1;              /* its scope has exited: count, never breach */
+    uint8_t global_participant : 1;  /* may be stopped by the global memory limit */
+    uint8_t interrupted : 1;         /* a breach was delivered to its scope */
+    uint8_t shielding : 1;           /* its scope's body runs shielded: no
+                                        request is refused for the limits
+                                        of the accounts around it */
+    uint8_t refused : 1;             /* a request was refused for its limit */
     uint8_t breach_kind;         /* first breach only; sticky */
     uint32_t entered_slot;       /* 1 + its place in the registry of entered
                                     accounts (module.c), 0 when not entered */
@@ -102,6 +105,7 @@ typedef struct account {
                                 set by enter(listener), cleared by leave) */
     int64_t breach_limit;
     int64_t breach_observed;
+    int64_t breach_refused;  /* bytes of the refused request, 0: sampled */
     struct account *next_queued;
 } account_t;
 
@@ -114,6 +118,25 @@ void account_close(account_t *a);
 void account_charge(account_t *a, int64_t weight);
 /* Credit `weight` live bytes back to `a` and every ancestor. */
 void account_credit(account_t *a, int64_t weight);
+
+/* Refusal of single large requests.  A request of at least
+ * METER_REFUSE_MIN bytes that alone would take an open account of the
+ * allocating context (or the global measure, for its innermost open
+ * participant) past its memory limit is refused: the hook returns NULL
+ * without calling the allocator below, and the account records a memory
+ * breach naming the request.  Smaller requests are never refused: they
+ * fail in unpredictable places inside CPython. */
+#define METER_REFUSE_MIN ((size_t)1 << 20)
+/* Memory limits of open accounts (the global limit aside): while none is
+ * open and no global limit is set, nothing is looked up for a request. */
+extern Py_ssize_t accounts_memory_limits_open;
+/* Whether `a`'s chain refuses `size` bytes.  `region`: the account the
+ * innermost interrupt-safe region of the context protects (its limit and
+ * those around it do not refuse), or NULL.  `old`/`old_weight`: for a
+ * realloc, the account charged for the block being resized and its charge,
+ * which the resize gives back (NULL/0 otherwise).  Records the breaches. */
+int accounts_refuse(account_t *a, account_t *region, int64_t size,
+                    account_t *old, int64_t old_weight);
 
 /* The global memory limit (accounts.c).  Every tracked block counts in
  * global_live; while a limit is set, samples outside any scope are tracked
@@ -329,6 +352,8 @@ int hooks_check(void);
 int hooks_stats(PyObject *dict);
 int hooks_init_module(PyObject *context_var, PyTypeObject *account_type);
 void hooks_disable_attribution(void);
+/* The ContextVar of the account an interrupt-safe region protects. */
+void hooks_set_region_var(PyObject *var);
 /* The account of the running context, borrowed, or NULL (GIL held). */
 account_t *current_account(void);
 

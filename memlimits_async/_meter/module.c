@@ -151,7 +151,7 @@ Account_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
-    self->account->global_participant = global_memory;
+    self->account->global_participant = global_memory != 0;
     return (PyObject *)self;
 }
 
@@ -423,8 +423,26 @@ breach_record(account_t *a)
     if (a->breach_kind == BREACH_NONE) {
         Py_RETURN_NONE;
     }
-    return Py_BuildValue("(iLL)", a->breach_kind, (long long)a->breach_limit,
-                         (long long)a->breach_observed);
+    return Py_BuildValue("(iLLL)", a->breach_kind, (long long)a->breach_limit,
+                         (long long)a->breach_observed,
+                         (long long)a->breach_refused);
+}
+
+static PyObject *
+Account_refused(AccountObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(self->account->refused);
+}
+
+static PyObject *
+Account_set_shielding(AccountObject *self, PyObject *arg)
+{
+    int shielding = PyObject_IsTrue(arg);
+    if (shielding < 0) {
+        return NULL;
+    }
+    self->account->shielding = shielding != 0;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -492,7 +510,16 @@ static PyMethodDef Account_methods[] = {
     {"usage", (PyCFunction)Account_usage, METH_NOARGS,
      "usage() -> (allocated, live, peak_live): estimated bytes."},
     {"breach", (PyCFunction)Account_breach, METH_NOARGS,
-     "breach() -> None | (kind, limit, observed): the first limit passed."},
+     "breach() -> None | (kind, limit, observed, refused): the first limit\n"
+     "passed; refused is the size of the request refused for it (observed:\n"
+     "the bytes it would have made), or 0 when a sample passed it."},
+    {"refused", (PyCFunction)Account_refused, METH_NOARGS,
+     "refused() -> bool: a request was refused for this account's limit\n"
+     "(or, for a participant, the global limit), first breach or not."},
+    {"set_shielding", (PyCFunction)Account_set_shielding, METH_O,
+     "set_shielding(flag): while set, no request in the account's context is\n"
+     "refused for the limits of the accounts around it (its own still\n"
+     "refuses)."},
     {"enter", (PyCFunction)(void (*)(void))Account_enter, METH_FASTCALL,
      "enter(listener=None): make this account current in this context;\n"
      "listener._on_breach() is called (by the delivery layer) if it\n"
@@ -771,6 +798,17 @@ meter_set_breach_handler(PyObject *module, PyObject *arg)
 }
 
 static PyObject *
+meter_set_region_var(PyObject *module, PyObject *arg)
+{
+    if (!PyContextVar_CheckExact(arg)) {
+        PyErr_SetString(PyExc_TypeError, "set_region_var() takes a ContextVar");
+        return NULL;
+    }
+    hooks_set_region_var(arg);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 meter_disable_attribution(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
     hooks_disable_attribution();
@@ -902,6 +940,10 @@ static PyMethodDef meter_methods[] = {
      "Make a wait_for_breach() in progress return now."},
     {"set_breach_handler", meter_set_breach_handler, METH_O,
      "Callable run on the main thread soon after a breach is queued."},
+    {"set_region_var", meter_set_region_var, METH_O,
+     "set_region_var(var): the ContextVar holding the account an\n"
+     "interrupt-safe region protects; requests are not refused there for the\n"
+     "limits of that account and those around it."},
     {"disable_attribution", meter_disable_attribution, METH_NOARGS,
      "Stop charging accounts (interpreter shutdown)."},
     {NULL, NULL, 0, NULL},

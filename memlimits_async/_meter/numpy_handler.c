@@ -91,7 +91,8 @@ np_malloc(void *ctx, size_t size)
     if (METER_UNLIKELY(size > (size_t)INT64_MAX)) {
         return below.malloc(below.ctx, size);  /* fails */
     }
-    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
+    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0
+                     && size < METER_REFUSE_MIN)) {
         return below.malloc(below.ctx, size);
     }
     return meter_malloc_slow(below.malloc, below.ctx, t, size);
@@ -105,7 +106,8 @@ np_calloc(void *ctx, size_t nelem, size_t elsize)
     if (METER_UNLIKELY(__builtin_mul_overflow(nelem, elsize, &size))) {
         return below.calloc(below.ctx, nelem, elsize);  /* fails */
     }
-    if (METER_LIKELY((t->countdown -= size) > 0)) {
+    if (METER_LIKELY((t->countdown -= size) > 0
+                     && size < (int64_t)METER_REFUSE_MIN)) {
         return below.calloc(below.ctx, nelem, elsize);
     }
     return meter_calloc_slow(below.calloc, below.ctx, t, nelem, elsize, size);
@@ -122,7 +124,8 @@ np_realloc(void *ctx, void *ptr, size_t size)
     if (METER_UNLIKELY(ptr != NULL && blocks_maybe_tracked(ptr))) {
         return meter_realloc_slow(below.realloc, below.ctx, t, ptr, size, 0);
     }
-    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0)) {
+    if (METER_LIKELY((t->countdown -= (int64_t)size) > 0
+                     && size < METER_REFUSE_MIN)) {
         return below.realloc(below.ctx, ptr, size);
     }
     return meter_realloc_slow(below.realloc, below.ctx, t, ptr, size, 1);
