@@ -721,7 +721,9 @@ class LimitScope:
         if self._deferred is not None:
             self._deliver(self._deferred)
 
-    def _undelivered_breach(self, record: tuple[int, int, int, int] | None) -> Breach | None:
+    def _undelivered_breach(
+        self, record: tuple[int, int, int, int] | None
+    ) -> Breach | None:
         """A breach that did not reach the loop (or there is no loop): the
         meter's record, else the first cancelled token."""
         if record is not None:
