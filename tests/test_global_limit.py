@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 import memlimits_async as ml
-from helpers import MIB, run_python
+from helpers import KIB, MIB, run_python
 from memlimits_async import _global_limit
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -124,10 +124,12 @@ def test_sync_participant_reports_at_exit(
 ) -> None:
     ml.set_global_memory_limit(_metered_heap() + MIB)
     with ml.limit_scope(global_memory=True) as scope:
-        held = bytes(2 * MIB)
+        # Pieces under 1 MiB: sampled, never refused (tests/test_refuse.py).
+        held = [bytes(512 * KIB) for _ in range(4)]
     del held
     assert scope.breach is not None
     assert scope.breach.kind is ml.BreachKind.GLOBAL_MEMORY
+    assert scope.breach.refused == 0
 
 
 def test_raise_on_breach_raises_memory_limit_reached(
@@ -136,7 +138,7 @@ def test_raise_on_breach_raises_memory_limit_reached(
     ml.set_global_memory_limit(_metered_heap() + MIB)
     with pytest.raises(ml.MemoryLimitReached, match="global memory limit"):
         with ml.limit_scope(global_memory=True, raise_on_breach=True):
-            held = bytes(2 * MIB)
+            held = [bytes(512 * KIB) for _ in range(4)]
     del held
 
 

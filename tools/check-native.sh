@@ -82,7 +82,8 @@ if [ $quick = 1 ]; then
     done
     if [ $named = 0 ]; then
         for module in exact scope sync tokens masking global_limit tracemalloc \
-            bad_input units huge_allocations process coexistence sites flamegraph; do
+            bad_input units huge_allocations refuse process coexistence sites \
+            flamegraph; do
             pytest_args+=("tests/test_$module.py")
         done
     fi

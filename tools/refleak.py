@@ -68,6 +68,7 @@ QUICK = [
     "test_bad_input.py",
     "test_units.py",
     "test_huge_allocations.py",
+    "test_refuse.py",
     "test_sites.py",
 ]
 # Tests that start or stop tracemalloc themselves.
