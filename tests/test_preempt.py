@@ -1489,12 +1489,15 @@ async def test_with_both_tool_ids_taken_threads_fall_back() -> None:
 
 def build_500_mb(chunks: list[bytes]) -> list[bytes]:
     """What a request handler run in a thread pool might do: build a large
-    response a piece at a time, with some Python work per MiB."""
+    response a piece at a time, with some Python work per MiB.  (Pieces
+    just under 1 MiB: a request of 1 MiB or more that would pass the limit
+    is refused with a MemoryError instead, tests/test_refuse.py, and these
+    tests are about preemption.)"""
     while len(chunks) < 500:
         checksum = 0
         for i in range(20_000):
             checksum += i
-        chunks.append(bytes(MIB))
+        chunks.append(bytes(MIB - 64))
     return chunks
 
 

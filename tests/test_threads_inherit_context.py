@@ -141,8 +141,10 @@ def test_a_thread_can_breach_the_scope_it_was_started_in() -> None:
     with ml.limit_scope(memory="8 MiB") as scope:
         with ml.threads_inherit_context():
             held: list[Any] = []
+            # Pieces under 1 MiB: sampled past the limit, never refused
+            # (tests/test_refuse.py).
             thread = threading.Thread(
-                target=lambda: held.extend(bytearray(MIB) for _ in range(32))
+                target=lambda: held.extend(bytearray(MIB - 64) for _ in range(32))
             )
             thread.start()
             thread.join()
@@ -158,7 +160,8 @@ async def test_a_threads_breach_cancels_the_task_that_started_it() -> None:
 
     def grow() -> None:
         try:
-            held.extend(bytearray(MIB) for _ in range(32))
+            # Under 1 MiB a piece: sampled, never refused (test_refuse.py).
+            held.extend(bytearray(MIB - 64) for _ in range(32))
         finally:
             done.set()
 
