@@ -13,10 +13,13 @@
  *  - A per-thread depth counter, checked on the slow path: an allocation
  *    made from inside our own slow path is never metered, so no block is
  *    counted twice and no sample is taken while one is being recorded.
- *  - Fast path: a thread-local subtraction, a branch and a tail call on
- *    allocation; a global load and a filter byte on free.  Everything else
- *    (random draws, the ContextVar read, the table) happens once per ~R
- *    sampled bytes.
+ *  - Fast path: a thread-local subtraction, a size comparison, a branch
+ *    and a tail call on allocation; a global load and a filter byte on
+ *    free.  Everything else (random draws, the ContextVar read, the table)
+ *    happens once per ~R sampled bytes, or for a request of 1 MiB or more
+ *    (METER_REFUSE_MIN), which the slow path may refuse: NULL without
+ *    calling the allocator below, when it alone would pass a memory limit
+ *    (accounts_refuse).
  *  - No Python code, no exception left set, no GIL acquisition inside a hook
  *    (meter.h).  Shared state is touched only from the main interpreter.
  */

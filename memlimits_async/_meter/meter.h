@@ -22,7 +22,9 @@
  * freed).  The free-threaded build is refused at build time (below).
  *
  * Hook invariant: no hook runs Python code, sets an exception, takes the GIL,
- * or allocates through a Python allocator domain.  The only allocations in a
+ * or allocates through a Python allocator domain.  (A hook that refuses a
+ * request returns NULL without setting an exception: its caller raises
+ * MemoryError, as for any failed allocation.)  The only allocations in a
  * hook are libc calloc/free of the block table, never of a hooked domain.
  */
 #ifndef MEMLIMITS_METER_H
