@@ -1033,3 +1033,38 @@ def test_a_route_budget_gets_its_503_with_the_middleware_outside_the_app(
         assert report.breach is not None and report.breach.limit == 4 * MIB
         assert report.phase == "before response"
         assert report.status == 503
+
+
+def test_a_refused_request_gets_the_503_behind_starlettes_error_middleware() -> None:
+    """A request too large for the budget is refused (tests/test_refuse.py):
+    a MemoryError that Starlette's ServerErrorMiddleware turns into a 500
+    before the breach's cancellation could land; the middleware delivers
+    the breach at the response's start, and the request gets the 503."""
+
+    async def hog(request: Request) -> Response:
+        return PlainTextResponse(str(len(bytearray(10 * 1024 * MIB))))
+
+    def sync_hog(request: Request) -> Response:
+        return PlainTextResponse(str(len(bytearray(10 * 1024 * MIB))))
+
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    reports: list[RequestReport] = []
+    app = BudgetMiddleware(
+        Starlette(
+            routes=[Route("/hog", hog), Route("/sync-hog", sync_hog), Route("/ok", ok)]
+        ),
+        memory="64 MiB",
+        on_finished=reports.append,
+    )
+    with TestClient(app) as client:
+        for path in ("/hog", "/sync-hog"):
+            response = client.get(path)
+            assert response.status_code == 503, path
+            assert response.headers["memlimits-breach"] == "memory"
+        assert client.get("/ok").text == "ok"
+    for report in reports[:2]:
+        assert report.breach is not None and report.breach.refused >= 10 * 1024 * MIB
+        assert report.phase == "before response"
+        assert "was refused" in report.breach.reason
