@@ -517,7 +517,7 @@ class LimitScope:
                 raise exception_for(breach) from None
             # Chained to the cancellation, whose traceback shows where the
             # body was when the limit fired (asyncio.timeout does the same).
-            raise exception_for(breach) from exc
+            raise exception_for(breach) from _detached(exc)
         if suppressed and exc is not None:
             _drop_tracebacks(exc)
         return suppressed
@@ -1037,6 +1037,28 @@ def _drop_tracebacks(exc: BaseException) -> None:
     if isinstance(exc, BaseExceptionGroup):
         for each in exc.exceptions:
             _drop_tracebacks(each)
+
+
+def _detached(exc: BaseException) -> BaseException:
+    """What a LimitReached raised for ``exc`` is chained to: ``exc``, except
+    for a refused request's MemoryError, which may be an object the
+    interpreter raises again.  From 3.12 on, once its free list of
+    MemoryErrors is empty (more than 16 alive), CPython raises one
+    interpreter-wide instance, whose traceback each raise extends: a
+    server refusing requests kept every refused request's frames, and what
+    they held, for good.  Its traceback moves to a copy, and the shared
+    one is left bare."""
+    if isinstance(exc, BaseExceptionGroup):
+        for each in exc.exceptions:
+            if isinstance(each, MemoryError) and not isinstance(each, LimitReached):
+                _detached(each)  # the group keeps it: left bare, uncopied
+        return exc
+    if not isinstance(exc, MemoryError) or isinstance(exc, LimitReached):
+        return exc
+    copy = MemoryError(*exc.args).with_traceback(exc.__traceback__)
+    copy.__context__ = exc.__context__
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return copy
 
 
 def _frames_from(frame: FrameType | None) -> tuple[FrameType, ...]:

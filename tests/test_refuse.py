@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import weakref
 from collections.abc import Iterator
 
 import anyio
@@ -286,3 +287,34 @@ def test_interrupt_safe_region_keeps_the_limits_around_it_from_refusing() -> Non
     assert ml.stats().refused_requests == refused + 2
     _assert_refused(inner, 256 * MIB)
     assert outer.breached  # sampled in the region, then refused outside
+
+
+class _Marker:
+    pass
+
+
+def _refused_in_a_frame(raise_on_breach: bool) -> weakref.ref[_Marker]:
+    marker = _Marker()
+    try:
+        with ml.limit_scope(memory="64 MiB", raise_on_breach=raise_on_breach):
+            bytearray(HUGE)
+    except ml.MemoryLimitReached as limit:
+        # Where the request was refused is still shown.
+        cause = limit.__cause__
+        assert isinstance(cause, MemoryError) and cause.__traceback__ is not None
+        assert cause.__traceback__.tb_frame.f_code.co_name == "_refused_in_a_frame"
+    return weakref.ref(marker)
+
+
+@pytest.mark.parametrize("raise_on_breach", [False, True])
+def test_refused_requests_keep_no_frames_alive(raise_on_breach: bool) -> None:
+    """From 3.12 on, once more than 16 MemoryErrors are alive, CPython
+    raises one interpreter-wide MemoryError, whose traceback every raise
+    extends: a server refusing requests kept each request's frames (and the
+    buffers they held) alive for good.  With the free list emptied, no
+    frame of a refused request outlives it."""
+    alive = [MemoryError() for _ in range(20)]  # the free list has 16
+    refs = [_refused_in_a_frame(raise_on_breach) for _ in range(3)]
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]
+    del alive
