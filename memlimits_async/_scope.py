@@ -601,6 +601,48 @@ class LimitScope:
                 self._deliver(_token_breach(token.reason))
                 break
 
+    def add_token(self, token: CancelToken) -> None:
+        """Watch one more :class:`CancelToken`: cancelling it cancels the
+        scope (``TOKEN``), as if it had been given with ``token=``.
+
+        Before entry it is simply added to the scope's tokens; while the
+        body runs it is watched from now on (one cancelled already cancels
+        the scope at once).  For code that makes a token only when it is
+        needed: a server that cancels a request's scope when its client
+        goes away makes no token for the requests whose client stays.
+
+        Call it in the thread that runs the scope (its event loop's), or, in
+        another thread, before anything could cancel the token.
+
+        :raises RuntimeError: once the scope has exited.
+        """
+        if not isinstance(token, CancelToken):
+            raise TypeError(f"token must be a CancelToken, not {type(token).__name__}")
+        if self._state == _NEW:
+            self._tokens = (*self._tokens, token)
+            return
+        if self._state != _ACTIVE:
+            raise RuntimeError("this limit_scope has exited: no token can stop it")
+        self._tokens = (*self._tokens, token)
+        loop = self._loop
+        if loop is None and not self._entry_frames:
+            return  # waits for no breach: the tokens are read at exit
+        unregister = token.on_cancel(self._on_token)
+        self._token_unregisters = (*self._token_unregisters, unregister)
+        if self._state != _ACTIVE:
+            # Exited meanwhile (from another thread), perhaps before it
+            # could see the new callback: unregistered here instead.
+            unregister()
+            return
+        if (
+            token.cancelled
+            and loop is not None
+            and loop.thread_id == threading.get_ident()
+        ):
+            # At once, as at entry (elsewhere, the callback that on_cancel
+            # ran already hands it to the loop).
+            self._deliver(_token_breach(token.reason))
+
     def _unwatch_tokens(self) -> None:
         for unregister in self._token_unregisters:
             unregister()
@@ -938,7 +980,14 @@ class LimitScope:
     @property
     def breached(self) -> bool:
         """True iff this scope's own limit or timeout fired."""
-        return self.breach is not None
+        if self._state == _ACTIVE and self._account is not None:
+            # breach's test, without making the breach (a server reads it
+            # for every response it starts).
+            if self._delivered is not None or self._account.breach() is not None:
+                return True
+            tokens = self._tokens
+            return bool(tokens) and any(token.cancelled for token in tokens)
+        return self._breach is not None
 
     @property
     def usage(self) -> Usage:

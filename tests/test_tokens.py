@@ -279,6 +279,69 @@ def test_sync_scope_reports_a_token_cancelled_meanwhile() -> None:
     assert scope.breach is not None and scope.breach.kind is ml.BreachKind.TOKEN
 
 
+# ---- scope.add_token ----
+
+
+@pytest.mark.anyio
+async def test_token_added_while_the_body_runs_cancels_a_blocked_task() -> None:
+    token = ml.CancelToken()
+    async with ml.limit_scope() as scope:
+        scope.add_token(token)
+        threading.Timer(0.02, token.cancel, args=("client went away",)).start()
+        await anyio.sleep(30)
+    assert scope.breach is not None
+    assert scope.breach.kind is ml.BreachKind.TOKEN
+    assert scope.breach.reason == "token cancelled: client went away"
+    assert not token._callbacks  # unregistered on exit
+
+
+@pytest.mark.anyio
+async def test_token_added_cancelled_cancels_at_once() -> None:
+    token = ml.CancelToken()
+    token.cancel("gone")
+    reached_checkpoint = False
+    async with ml.limit_scope(memory="1 GiB") as scope:
+        assert not scope.breached
+        scope.add_token(token)
+        assert scope.breached  # known before it lands
+        await anyio.lowlevel.checkpoint()
+        reached_checkpoint = True
+    assert not reached_checkpoint
+    assert scope.breach is not None and scope.breach.reason == "token cancelled: gone"
+
+
+@pytest.mark.anyio
+async def test_token_added_before_entry_is_watched_like_token_given() -> None:
+    first, added = ml.CancelToken(), ml.CancelToken()
+    scope = ml.limit_scope(token=first)
+    scope.add_token(added)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: _cancel_later(added, "added"))
+        async with scope:
+            await anyio.sleep(30)
+    assert scope.breach is not None and scope.breach.reason == "token cancelled: added"
+    assert not first._callbacks and not added._callbacks
+
+
+def test_token_added_to_a_sync_scope_is_reported_at_exit() -> None:
+    token = ml.CancelToken()
+    with ml.limit_scope(preempt=False) as scope:
+        scope.add_token(token)
+        token.cancel("meanwhile")
+    assert scope.breach is not None and scope.breach.kind is ml.BreachKind.TOKEN
+
+
+@pytest.mark.anyio
+async def test_add_token_checks_its_argument_and_the_scope_state() -> None:
+    scope = ml.limit_scope()
+    with pytest.raises(TypeError, match="CancelToken"):
+        scope.add_token("token")  # type: ignore[arg-type]
+    async with scope:
+        pass
+    with pytest.raises(RuntimeError, match="exited"):
+        scope.add_token(ml.CancelToken())
+
+
 @pytest.mark.parametrize("bad", [5, "token", [ml.CancelToken(), 5]])
 def test_bad_token_is_a_type_error_naming_it(bad: object) -> None:
     with pytest.raises(TypeError, match="token"):
