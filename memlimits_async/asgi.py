@@ -101,6 +101,7 @@ the request's task (it takes milliseconds; this only bounds a wait that
 something unforeseen would make endless)."""
 _DELIVERY_POLL: Final = 0.001
 """Seconds between two looks at whether that breach has landed."""
+_token_lock: Final = threading.Lock()
 _BYTE_KINDS: Final = frozenset(
     {ml.BreachKind.MEMORY, ml.BreachKind.ALLOCATIONS, ml.BreachKind.GLOBAL_MEMORY}
 )
@@ -261,6 +262,9 @@ class _Request:
     # us), held back until the app returns (``withheld``).
     route_breach_raised = False
     withheld: list[Message] | None = None
+    # Made when something needs it (``token``): most requests end with
+    # neither a disconnect nor anyone asking for it.
+    _token: ml.CancelToken | None = None
 
     def __init__(
         self,
@@ -272,11 +276,26 @@ class _Request:
         self._receive = receive
         self._send = send
         self.protocol = protocol
-        self.token = ml.CancelToken()
         self.started_at = time.monotonic()
         self.first_byte = first_byte  # the limit, seconds, or None
         if first_byte is not None:
             self.first_byte_deadline = self.started_at + first_byte
+
+    @property
+    def token(self) -> ml.CancelToken:
+        """The request's cancel token, made on first use and then watched
+        by the request's scope (while it runs)."""
+        token = self._token
+        if token is None:
+            # A lock: request_token() may be called in a worker thread.
+            with _token_lock:
+                token = self._token
+                if token is None:
+                    token = ml.CancelToken()
+                    if self.limit_scope is not None:
+                        self.limit_scope.add_token(token)
+                    self._token = token
+        return token
 
     # -- what the app calls --
 
@@ -329,7 +348,10 @@ class _Request:
                 await self._send(message)
                 return
         elif kind in ("http.response.start", "websocket.accept"):
-            breached = self._breached()
+            scope = self.limit_scope
+            breached = (scope is not None and scope.breached) or (
+                self.route_scopes is not None and self._route_breached()
+            )
             if breached and not ml.is_interrupted():
                 # The meter saw the budget pass, but the breach has not
                 # reached this task yet: the delivery thread hands it over
@@ -340,7 +362,12 @@ class _Request:
                 with anyio.move_on_after(_DELIVERY_WAIT):
                     while not ml.is_interrupted():
                         await anyio.sleep(_DELIVERY_POLL)
-            if breached or ml.is_interrupted() or self._cancelled():
+            if (
+                breached
+                or ml.is_interrupted()
+                or (scope is not None and scope.cancel_called)
+                or (self.route_scopes is not None and self._route_cancelled())
+            ):
                 # The request was stopped while the app ran without
                 # reaching a checkpoint (work in a worker thread that cannot
                 # be preempted, a stretch shorter than the preemption
@@ -379,19 +406,15 @@ class _Request:
         await self._send(message)
         self.complete = True
 
-    def _breached(self) -> bool:
-        """The request's scope, or a route's inside it, has a breach in the
-        meter (``LimitScope.breached`` reads it live), delivered or not."""
-        if self.limit_scope is not None and self.limit_scope.breached:
-            return True
+    def _route_breached(self) -> bool:
+        """A route's scope inside the request's has a breach in the meter
+        (``LimitScope.breached`` reads it live), delivered or not."""
         scopes = self.route_scopes
         return scopes is not None and any(scope.breached for scope in scopes)
 
-    def _cancelled(self) -> bool:
-        """The request's scope, or a route's inside it, was cancelled (a
-        timeout, which anyio delivers itself, is not an interrupt)."""
-        if self.limit_scope is not None and self.limit_scope.cancel_called:
-            return True
+    def _route_cancelled(self) -> bool:
+        """A route's scope inside the request's was cancelled (a timeout,
+        which anyio delivers itself, is not an interrupt)."""
         scopes = self.route_scopes
         return scopes is not None and any(scope.cancel_called for scope in scopes)
 
@@ -406,7 +429,9 @@ class _Request:
             self.token.cancel("client disconnected")
 
     def first_byte_expired(self) -> None:
-        if not self.started and not self.finished and not self.token.cancelled:
+        token = self._token
+        cancelled = token is not None and token.cancelled
+        if not self.started and not self.finished and not cancelled:
             self.first_byte_fired = True
             self.token.cancel(f"no response within {self.first_byte:g} s")
 
@@ -1013,64 +1038,20 @@ class BudgetMiddleware:
         self._sweepers: dict[object, _Sweeper] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A request is served here rather than in a coroutine of its own:
+        # one coroutine less to make for every request.
         kind = scope["type"]
+        protocol: Literal["http", "websocket"]
         if kind == "http":
-            await self._serve(scope, receive, send, "http", self.budget)
+            protocol, budget = "http", self.budget
         elif kind == "websocket" and self.websocket_budget is not None:
-            await self._serve(scope, receive, send, "websocket", self.websocket_budget)
+            protocol, budget = "websocket", self.websocket_budget
         else:
             if kind == "lifespan" and not self._ready:
                 self._start_up()
             await self.app(scope, receive, send)
+            return
 
-    def _start_up(self) -> None:
-        """Install the meter's hooks now, and wrap numpy's data handler,
-        rather than in the first request (where numpy imported by that
-        request would not be metered until the next scope)."""
-        self._ready = True
-        if (
-            self.preload_numpy
-            and "numpy" not in sys.modules
-            and importlib.util.find_spec("numpy") is not None
-        ):
-            import numpy  # noqa: F401 - imported to be metered
-
-        with ml.limit_scope():
-            pass  # installs the hooks, and wraps numpy's handler if imported
-        if "numpy" in sys.modules and not ml.stats().numpy_buffers_metered:
-            self.logger.warning(
-                "numpy's array buffers are not metered (numpy older than "
-                "1.22, or its default data handler was replaced)"
-            )
-
-    def _current_sweeper(self) -> _Sweeper:
-        loop = asyncio._get_running_loop()
-        key: object = loop
-        if loop is None:
-            import trio
-
-            key = trio.lowlevel.current_trio_token()
-        if key is self._sweeper_key and self._sweeper is not None:
-            return self._sweeper
-        sweeper = self._sweepers.get(key)
-        if sweeper is None:
-            sweeper = _AsyncioSweeper(loop) if loop is not None else _TrioSweeper()
-            # Old loops (tests run many) are dropped with their sweepers.
-            self._sweepers = {
-                each: old for each, old in self._sweepers.items() if old.running
-            }
-            self._sweepers[key] = sweeper
-        self._sweeper_key, self._sweeper = key, sweeper
-        return sweeper
-
-    async def _serve(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        protocol: Literal["http", "websocket"],
-        budget: ml.Budget,
-    ) -> None:
         if not self._ready:
             self._start_up()
         request = _Request(
@@ -1087,8 +1068,10 @@ class BudgetMiddleware:
             # stopped (and what they were building), which a reference from
             # here would keep until a garbage collection.
             raised: ml.Breach | None = None
+            # No token: the request's is made only when needed (a
+            # disconnect, request_token()), and then added to the scope.
             limit_scope = ml.limit_scope(
-                budget=budget, token=request.token, global_memory=self.global_memory
+                budget=budget, global_memory=self.global_memory
             )
             request.limit_scope = limit_scope
             try:
@@ -1155,6 +1138,46 @@ class BudgetMiddleware:
             # by the garbage collector's full collections (a server's p99
             # latency was 10x its own, in 10-26 ms collections).
             scope.pop(_STATE_KEY, None)
+
+    def _start_up(self) -> None:
+        """Install the meter's hooks now, and wrap numpy's data handler,
+        rather than in the first request (where numpy imported by that
+        request would not be metered until the next scope)."""
+        self._ready = True
+        if (
+            self.preload_numpy
+            and "numpy" not in sys.modules
+            and importlib.util.find_spec("numpy") is not None
+        ):
+            import numpy  # noqa: F401 - imported to be metered
+
+        with ml.limit_scope():
+            pass  # installs the hooks, and wraps numpy's handler if imported
+        if "numpy" in sys.modules and not ml.stats().numpy_buffers_metered:
+            self.logger.warning(
+                "numpy's array buffers are not metered (numpy older than "
+                "1.22, or its default data handler was replaced)"
+            )
+
+    def _current_sweeper(self) -> _Sweeper:
+        loop = asyncio._get_running_loop()
+        key: object = loop
+        if loop is None:
+            import trio
+
+            key = trio.lowlevel.current_trio_token()
+        if key is self._sweeper_key and self._sweeper is not None:
+            return self._sweeper
+        sweeper = self._sweepers.get(key)
+        if sweeper is None:
+            sweeper = _AsyncioSweeper(loop) if loop is not None else _TrioSweeper()
+            # Old loops (tests run many) are dropped with their sweepers.
+            self._sweepers = {
+                each: old for each, old in self._sweepers.items() if old.running
+            }
+            self._sweepers[key] = sweeper
+        self._sweeper_key, self._sweeper = key, sweeper
+        return sweeper
 
     def _first_byte_breach(self, request: _Request) -> ml.Breach:
         assert request.first_byte is not None
