@@ -486,12 +486,18 @@ class LimitScope:
             self._preempt_request = None
         if self._timeout is not None:
             unwatch_deadline(self)
-            self._expired = self._now() >= self._deadline
+            loop = self._loop
+            now = loop.time() if loop is not None else time.monotonic()
+            self._expired = now >= self._deadline
         if self._entry_frames:
             self._entry_frames = ()
+        breach = self._delivered
         if self._tokens:
             self._unwatch_tokens()
-        breach = self._delivered or self._undelivered_breach(record)
+            if breach is None:
+                breach = self._undelivered_breach(record)
+        elif breach is None and record is not None:
+            breach = self._meter_breach(record)
         suppressed = False
         cancel_scope = self._cancel_scope
         if cancel_scope is not None and self._adopted is None:
@@ -507,7 +513,11 @@ class LimitScope:
                 suppressed = True
         if exc is not None and not suppressed and self._absorbs(exc):
             suppressed = True
-        if self._timeout is not None or breach is None:
+        if (exc is not None or self._preempted or cancel_scope is None) and (
+            self._timeout is not None or breach is None
+        ):
+            # A body that returned, unpreempted, in a task keeps its breach:
+            # no timeout cut it (_final_breach), and it had no other.
             breach = self._final_breach(breach, cancel_scope, exc is not None)
         self._breach = breach
         if suppressed and exc is not None:
