@@ -1061,7 +1061,11 @@ class BudgetMiddleware:
         try:
             sweeper = None
             if protocol == "http":
-                sweeper = self._current_sweeper()
+                sweeper = self._sweeper
+                if sweeper is None or asyncio._get_running_loop() is not (
+                    self._sweeper_key
+                ):
+                    sweeper = self._current_sweeper()
                 sweeper.add(request)
             # The breach of a LimitReached, never the exception: its traceback
             # holds this frame, and its context the frames of the body it
@@ -1130,7 +1134,13 @@ class BudgetMiddleware:
                         _aborted.set(True)
                 else:
                     phase = "after response"
-            self._finish(scope, request, limit_scope, breach, phase)
+            if (
+                breach is not None
+                or self.stats is not None
+                or self.on_finished is not None
+            ):
+                # Else nothing to say about it.
+                self._finish(scope, request, limit_scope, breach, phase)
         finally:
             # The request refers to the server's receive and send, bound to
             # its connection object, which refers to this scope: left here,
@@ -1247,8 +1257,6 @@ class BudgetMiddleware:
         breach: ml.Breach | None,
         phase: Phase | None,
     ) -> None:
-        if breach is None and self.stats is None and self.on_finished is None:
-            return  # nothing to say about it
         duration = time.monotonic() - request.started_at
         usage = limit_scope.usage
         route = self._route(scope)
