@@ -292,8 +292,12 @@ class _Request:
                 token = self._token
                 if token is None:
                     token = ml.CancelToken()
-                    if self.limit_scope is not None:
-                        self.limit_scope.add_token(token)
+                    scope = self.limit_scope
+                    if scope is not None:
+                        # (In another thread, the scope may have exited
+                        # just now: then there is nothing left to stop.)
+                        with contextlib.suppress(RuntimeError):
+                            scope.add_token(token)
                     self._token = token
         return token
 
