@@ -343,6 +343,10 @@ class _Request:
         kind = message["type"]
         if self.withheld is not None:
             self.withheld.append(message)
+            if kind == "http.response.body" and message.get("more_body", False):
+                # A stream (ServerErrorMiddleware's answer is one whole
+                # message): the app's own, sent as it comes.
+                await self.release_withheld()
             return
         if self.route_breach_raised and kind == "http.response.start":
             self.withheld = [message]
@@ -464,12 +468,16 @@ class _Request:
             if scope.breach is not None and not self.started:
                 self.route_breach_raised = True
 
+    def take_withheld(self) -> list[Message] | None:
+        """What was held back, if anything; nothing is held from now on."""
+        withheld, self.withheld = self.withheld, None
+        self.route_breach_raised = False
+        return withheld
+
     async def release_withheld(self) -> None:
         """Send the response held back after a route budget's breach: the
         app answered it itself (an exception handler of its own)."""
-        withheld, self.withheld = self.withheld, None
-        self.route_breach_raised = False
-        for message in withheld or ():
+        for message in self.take_withheld() or ():
             await self.send(message)
 
     # -- the watcher (run by the sweeper) --
@@ -1094,9 +1102,13 @@ class BudgetMiddleware:
                 except BaseExceptionGroup as group:
                     limits, rest = group.split(ml.LimitReached)
                     if rest is not None or limits is None:
+                        await _release_on_failure(request)
                         raise
                     raised = _first_leaf(limits).breach
                     del limits, rest
+                except Exception:
+                    await _release_on_failure(request)
+                    raise
             finally:
                 request.finished = True
                 request.limit_scope = None
@@ -1110,13 +1122,14 @@ class BudgetMiddleware:
             # A route budget's breach, when there is one, is what stopped the
             # request: its limit is the tighter (the request's own may have
             # been passed too before the route's cancellation landed).
-            if raised is not None:
-                # The breach reached us: an error handler's response gives
-                # way to the error response.
-                request.withheld = None
-                request.route_breach_raised = False
-            elif request.withheld is not None:
-                await request.release_withheld()
+            withheld = request.take_withheld()
+            if withheld is not None and raised is None and limit_scope.breach is None:
+                # The app answered the route's breach itself.
+                for message in withheld:
+                    await request.send(message)
+            # Else the breach reached us, or the request's own stopped the
+            # answer: the error response instead (nothing was sent yet).
+            del withheld
             breach = raised or limit_scope.breach
             if breach is not None and request.first_byte_fired:
                 breach = self._first_byte_breach(request)
@@ -1405,6 +1418,16 @@ class RouteBudget:
             request.narrow_first_byte(self._first_byte)
         with request.route_scope(self.budget):
             await self.app(scope, receive, send)
+
+
+async def _release_on_failure(request: _Request) -> None:
+    """The app failed otherwise than by a breach after answering a route's
+    breach itself: its answer goes out, as it would without us."""
+    if request.withheld is not None:
+        try:
+            await request.release_withheld()
+        except Exception:
+            request.withheld = None  # the client is gone: the failure stands
 
 
 def budget_dependency(

@@ -1076,3 +1076,52 @@ def test_a_refused_request_gets_the_503_behind_starlettes_error_middleware() -> 
         assert report.breach is not None and report.breach.refused >= 10 * 1024 * MIB
         assert report.phase == "before response"
         assert "was refused" in report.breach.reason
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_after_a_route_breach_the_apps_stream_and_the_requests_own_breach(
+    backend: Literal["asyncio", "trio"],
+) -> None:
+    """What the app sends after a route budget's breach is held back only
+    while it may be ServerErrorMiddleware's answer: a stream from the app's
+    own handler goes out as it comes; a handler that the request's own
+    timeout stops gets the 503 (the middleware's, never held back)."""
+
+    async def hog(request: Request) -> Response:
+        held: list[bytearray] = []
+        while True:
+            held.append(bytearray(64 * 1024))
+            await anyio.sleep(0)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for chunk in (b"a", b"b", b"c"):
+            yield chunk
+            await anyio.sleep(0)
+
+    async def streamed(request: Request, exc: Exception) -> Response:
+        return StreamingResponse(chunks(), status_code=507)
+
+    async def slow(request: Request, exc: Exception) -> Response:
+        await anyio.sleep(30)
+        return PlainTextResponse("late")
+
+    small = [Middleware(RouteBudget, memory="4 MiB")]
+    reports: list[RequestReport] = []
+    for handler, status, body in ((streamed, 507, "abc"), (slow, 503, None)):
+        app = BudgetMiddleware(
+            Starlette(
+                routes=[Route("/hog", hog, middleware=small)],
+                exception_handlers={ml.MemoryLimitReached: handler},
+            ),
+            memory="64 MiB",
+            timeout=0.5,
+            on_finished=reports.append,
+        )
+        with TestClient(app, backend=backend, raise_server_exceptions=False) as client:
+            response = client.get("/hog")
+        assert response.status_code == status, response.text
+        if body is not None:
+            assert response.text == body
+    assert reports[-1].status == 503
+    assert reports[-1].breach is not None
+    assert reports[-1].breach.kind is ml.BreachKind.TIMEOUT
