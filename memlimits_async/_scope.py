@@ -1103,20 +1103,28 @@ def _detached(exc: BaseException) -> BaseException:
     for a refused request's MemoryError, which may be an object the
     interpreter raises again.  From 3.12 on, once its free list of
     MemoryErrors is empty (more than 16 alive), CPython raises one
-    interpreter-wide instance, whose traceback each raise extends: a
-    server refusing requests kept every refused request's frames, and what
-    they held, for good.  Its traceback moves to a copy, and the shared
-    one is left bare."""
+    interpreter-wide instance (of MemoryError itself, never a subclass),
+    whose traceback each raise extends: a server refusing requests kept
+    every refused request's frames, and what they held, for good.  Its
+    traceback moves to a copy, and the shared one is left bare; a group
+    holding it is rebuilt around the copy."""
     if isinstance(exc, BaseExceptionGroup):
-        for each in exc.exceptions:
-            if isinstance(each, MemoryError) and not isinstance(each, LimitReached):
-                _detached(each)  # the group keeps it: left bare, uncopied
+        members = [_detached(each) for each in exc.exceptions]
+        if all(new is old for new, old in zip(members, exc.exceptions, strict=True)):
+            return exc
+        copy: BaseException = exc.derive(members)
+    elif type(exc) is MemoryError:
+        copy = MemoryError(*exc.args)
+    else:
         return exc
-    if not isinstance(exc, MemoryError) or isinstance(exc, LimitReached):
-        return exc
-    copy = MemoryError(*exc.args).with_traceback(exc.__traceback__)
+    copy.__traceback__ = exc.__traceback__
+    copy.__cause__ = exc.__cause__
     copy.__context__ = exc.__context__
-    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    copy.__suppress_context__ = exc.__suppress_context__
+    if hasattr(exc, "__notes__"):
+        copy.__notes__ = list(exc.__notes__)
+    if type(exc) is MemoryError:
+        exc.__traceback__ = exc.__context__ = exc.__cause__ = None
     return copy
 
 

@@ -318,3 +318,46 @@ def test_refused_requests_keep_no_frames_alive(raise_on_breach: bool) -> None:
     gc.collect()
     assert [ref() for ref in refs] == [None, None, None]
     del alive
+
+
+def test_a_numpy_refusal_keeps_its_own_message() -> None:
+    """numpy raises a MemoryError subclass of its own, never shared by the
+    interpreter: the LimitReached chains to it, message and all."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ml.MemoryLimitReached) as caught:
+        with ml.limit_scope(memory="64 MiB", raise_on_breach=True):
+            np.ones((100_000, 100_000))
+    cause = caught.value.__cause__
+    assert isinstance(cause, MemoryError) and type(cause) is not MemoryError
+    assert "Unable to allocate" in str(cause)
+
+
+@pytest.mark.anyio
+async def test_a_refusal_in_nested_task_groups_keeps_no_frames_alive() -> None:
+    """The shared MemoryError inside a group inside a group: the group that
+    the LimitReached chains to is rebuilt around a copy, which keeps the
+    traceback, and the shared one is left bare."""
+
+    async def child(refs: list[weakref.ref[_Marker]]) -> None:
+        marker = _Marker()
+        refs.append(weakref.ref(marker))
+        bytearray(HUGE)
+
+    alive = [MemoryError() for _ in range(20)]  # the free list has 16
+    refs: list[weakref.ref[_Marker]] = []
+    for _ in range(3):
+        with pytest.raises(ml.MemoryLimitReached) as caught:
+            async with ml.limit_scope(memory="64 MiB", raise_on_breach=True):
+                async with anyio.create_task_group() as outer:
+                    async with anyio.create_task_group() as inner:
+                        inner.start_soon(child, refs)
+                        await anyio.sleep(30)
+                    outer.start_soon(anyio.sleep, 30)
+        group = caught.value.__cause__
+        assert isinstance(group, BaseExceptionGroup)
+        refused = group.subgroup(lambda each: type(each) is MemoryError)
+        assert refused is not None
+        del caught, group, refused
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]
+    del alive
