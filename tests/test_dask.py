@@ -231,7 +231,7 @@ def test_allocations_and_timeout_annotations(client: Client, tmp_path: Path) -> 
         )
         looping = client.submit(dask_work.spin, "/nonexistent/x", 60, pure=False)
     exit_mark = computing.with_suffix(".exit")
-    released = False
+    released = False  # on 3.11, if it was not preempted in its 15 s
     if sys.version_info < (3, 12):
         # On 3.11 a loop's thread is preempted only where it is seen twice
         # at the same point or in a call that released the GIL
@@ -244,11 +244,7 @@ def test_allocations_and_timeout_annotations(client: Client, tmp_path: Path) -> 
         wait_for(computing.with_suffix(".started"))
         if written_within(exit_mark, 15.0) is None:
             computing.with_suffix(".release").write_text("")
-            # (It may still have been preempted as the release was written.)
-            # Released, it ran to its end without a checkpoint after its
-            # deadline: like anyio's cancelled_caught, a deadline that cut
-            # nothing is not reported (docs/limit-scope.md); it returns.
-            released = wait_for(exit_mark) == "none"
+            released = True
     # These arrive as themselves, breach included (distributed pickles
     # exceptions through tblib, which keeps their attributes).
     with pytest.raises(ml.AllocationLimitReached) as allocations:
@@ -256,7 +252,19 @@ def test_allocations_and_timeout_annotations(client: Client, tmp_path: Path) -> 
     assert allocations.value.breach.kind is ml.BreachKind.ALLOCATIONS
     assert allocations.value.breach.limit == 64 * MIB
     if released:
-        assert spinning.result(timeout=WAIT) > 0
+        # Released, its loop ends, and the first call that releases the GIL
+        # after it (writing its exit mark, perhaps half-way) may be where
+        # the preemption lands at last; if not, it ran to its end without a
+        # checkpoint after its deadline, and like anyio's cancelled_caught a
+        # deadline that cut nothing is not reported (docs/limit-scope.md).
+        try:
+            count = spinning.result(timeout=WAIT)
+        except ml.TimeLimitReached as timed_out_late:
+            assert timed_out_late.breach.kind is ml.BreachKind.TIMEOUT
+            ended = "breached"
+        else:
+            assert count > 0
+            ended = "finished"
     else:
         with pytest.raises(ml.TimeLimitReached) as timeout:
             spinning.result(timeout=WAIT)
@@ -267,8 +275,7 @@ def test_allocations_and_timeout_annotations(client: Client, tmp_path: Path) -> 
     assert usage_of(client, churning).breach.kind is ml.BreachKind.ALLOCATIONS  # type: ignore[union-attr]
     assert usage_of(client, looping).state == "failed"
     if released:
-        assert wait_for(exit_mark) == "none"
-        assert usage_of(client, spinning).state == "finished"
+        assert usage_of(client, spinning).state == ended
         return
     timed_out = usage_of(client, spinning)
     assert timed_out.breach is not None
