@@ -1014,10 +1014,13 @@ def test_a_route_budget_gets_its_503_with_the_middleware_outside_the_app(
     handler the app has for the breach still answers with its own."""
 
     async def hog(request: Request) -> Response:
+        # At 64 KiB a millisecond: the route's breach reaches the request's
+        # task long before the request's own limit is near, whatever the
+        # machine's load (with sleep(0) it passed 64 MiB first, under load).
         held: list[bytearray] = []
         while True:
             held.append(bytearray(64 * 1024))
-            await anyio.sleep(0)
+            await anyio.sleep(0.001)
 
     async def insufficient_storage(request: Request, exc: Exception) -> Response:
         return PlainTextResponse("too big", status_code=507)
@@ -1088,10 +1091,13 @@ def test_after_a_route_breach_the_apps_stream_and_the_requests_own_breach(
     timeout stops gets the 503 (the middleware's, never held back)."""
 
     async def hog(request: Request) -> Response:
+        # At 64 KiB a millisecond: the route's breach reaches the request's
+        # task long before the request's own limit is near, whatever the
+        # machine's load (with sleep(0) it passed 64 MiB first, under load).
         held: list[bytearray] = []
         while True:
             held.append(bytearray(64 * 1024))
-            await anyio.sleep(0)
+            await anyio.sleep(0.001)
 
     async def chunks() -> AsyncIterator[bytes]:
         for chunk in (b"a", b"b", b"c"):
