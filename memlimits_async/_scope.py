@@ -443,16 +443,11 @@ class LimitScope:
             if self._shield:
                 # A region for the scopes around (for preemption; anyio's
                 # shield does it for cancellation).
-                self._shielding = True
-                shielded_accounts.add(account)
-                account.set_shielding(True)
+                self._set_shielding(True)
             # Last, so that only the body's allocations are charged.
             account.enter(listener)
         except BaseException:
-            if self._shielding:
-                shielded_accounts.discard(account)
-                account.set_shielding(False)
-                self._shielding = False
+            self._set_shielding(False)
             self._unwatch_tokens()
             unwatch_deadline(self)
             account.leave()  # closes it; nothing was made current
@@ -475,9 +470,7 @@ class LimitScope:
         # First, so that only the body's allocations are charged.
         record = self._account.leave()
         self._state = _EXITED
-        if self._shielding:
-            shielded_accounts.discard(self._account)
-            self._account.set_shielding(False)
+        self._set_shielding(False)
         if self._preempt_request is not None:
             self._preempt_request.close()
             # It refers to this scope: kept, they would make a cycle (with
@@ -1055,14 +1048,21 @@ class LimitScope:
             return
         if self._cancel_scope is not None:
             self._cancel_scope.shield = value
-        if value and not self._shielding:
-            self._shielding = True
-            shielded_accounts.add(self._account)
-            self._account.set_shielding(True)
-        elif not value and self._shielding:
-            self._shielding = False
-            shielded_accounts.discard(self._account)
-            self._account.set_shielding(False)
+        self._set_shielding(value)
+
+    def _set_shielding(self, on: bool) -> None:
+        """Make the active account a region for the scopes around it, or
+        stop: for preemption (``shielded_accounts``) and for the meter's
+        refusals (which then spare it the outer limits)."""
+        account = self._account
+        if on == self._shielding or account is None:
+            return
+        self._shielding = on
+        if on:
+            shielded_accounts.add(account)
+        else:
+            shielded_accounts.discard(account)
+        account.set_shielding(on)
 
     def __repr__(self) -> str:
         limits = [
